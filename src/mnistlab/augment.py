@@ -1,0 +1,57 @@
+"""Per-image random affine augmentation of a whole batch in one `grid_sample` call.
+
+Every named pipeline is one affine map per image (rotation, shift, zoom about the centre),
+so a batch costs one `affine_grid` + `grid_sample` on whatever device it is on, instead of
+a PIL round trip per image in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# name -> (max rotation in degrees, max shift as a fraction of the side, zoom probability, zoom)
+AUGMENTATIONS: dict[str, tuple[float, float, float, float] | None] = {
+    # SEED_README.md "Data Augmentation": RandomRotation(10) + RandomAffine(translate=(0.1, 0.1)).
+    "readme": (10.0, 0.1, 0.0, 1.0),
+    # What the seed's notebooks ran: p=0.1 CenterCrop(22) then Resize(28), RandomRotation(15).
+    # Cropping the central 22 px and resizing to 28 is sampling the centre at a scale of 22/28.
+    "notebook": (15.0, 0.0, 0.1, 22 / 28),
+    "none": None,
+}
+
+
+def random_affine(
+    images: torch.Tensor,
+    degrees: float,
+    translate: float,
+    zoom_prob: float = 0.0,
+    zoom: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Rotate each image of [N, C, H, W] by its own angle in [-degrees, degrees], shift it by up
+    to `translate` of its side each way, and with probability `zoom_prob` sample its centre at
+    scale `zoom`. Uncovered pixels are 0 (black, as in MNIST before normalisation)."""
+    n, device = images.shape[0], images.device
+
+    def uniform(*shape):  # in [-1, 1)
+        return torch.rand(*shape, generator=generator, device=device) * 2 - 1
+
+    angle = uniform(n) * math.radians(degrees)
+    shift = uniform(n, 2) * (2 * translate)  # grid coordinates span 2 units per side
+    scale = torch.ones(n, device=device)
+    if zoom_prob > 0:
+        zoomed = torch.rand(n, generator=generator, device=device) < zoom_prob
+        scale = torch.where(zoomed, torch.full_like(scale, zoom), scale)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def augment(images: torch.Tensor, name: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply the named pipeline of `AUGMENTATIONS` to a float batch in [0, 1]."""
+    params = AUGMENTATIONS[name]
+    return images if params is None else random_affine(images, *params, generator=generator)

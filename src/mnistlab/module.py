@@ -1,0 +1,78 @@
+"""The LightningModule: a network from config, cross-entropy on logits, torchmetrics accuracy.
+
+It takes plain config dicts (model, optimizer, scheduler) and builds everything itself, so
+the hyperparameters it saves are plain containers: a checkpoint rebuilds its own network and
+loads with `torch.load(weights_only=True)`, and the module never names a concrete optimizer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+
+def plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, model: dict, optimizer: dict, scheduler: dict | None = None, num_classes: int = 10):
+        super().__init__()
+        self.save_hyperparameters(
+            {"model": plain(model), "optimizer": plain(optimizer), "scheduler": plain(scheduler) or None,
+             "num_classes": num_classes}
+        )
+        self.net = instantiate(self.hparams.model)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_best = MaxMetric()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def _step(self, batch, stage: str, accuracy: MulticlassAccuracy):
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        accuracy(logits, labels)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test", self.test_acc)
+
+    def on_train_start(self):
+        self.val_acc_best.reset()  # forget the sanity check's pass over a few batches
+
+    def on_validation_epoch_end(self):
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def configure_optimizers(self):
+        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        if not self.hparams.scheduler:
+            return optimizer
+        config = dict(self.hparams.scheduler)
+        interval = config.pop("interval", "epoch")
+        make_scheduler = instantiate(config)
+        # Schedules laid out over the whole run (OneCycleLR) are told its length in steps.
+        if "total_steps" in inspect.signature(make_scheduler.func).parameters:
+            make_scheduler = partial(make_scheduler, total_steps=int(self.trainer.estimated_stepping_batches))
+        scheduler = make_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "name": "lr"}}

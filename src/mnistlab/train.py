@@ -1,0 +1,72 @@
+"""The training task behind `train.py`: seed -> data -> model -> trainer -> fit -> test -> metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mnistlab import MnistlabError
+from mnistlab.data import write_atomic
+from mnistlab.models import count_params
+from mnistlab.module import Classifier
+
+log = logging.getLogger(__name__)
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    overrides = {"limit_val_batches": 0} if cfg.data.val_size == 0 else {}
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit, test the checkpoint with the best `val/acc` (the last one when there is no
+    validation set), and write `metrics.json` in the run directory. Returns the metrics."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    log.info("run directory: %s\n%s", run_dir, OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = Classifier(cfg.model, cfg.optimizer, cfg.scheduler)
+    trainer = build_trainer(cfg)
+
+    metrics: dict = {"status": "running", "seed": cfg.seed, "params": count_params(model.net)}
+    try:
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule)
+        metrics["train_seconds"] = round(time.perf_counter() - start, 1)
+        metrics["epochs"] = trainer.current_epoch
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and not math.isfinite(loss):
+            raise MnistlabError(
+                f"training diverged (train/loss = {float(loss)}); lower optimizer.lr (now {cfg.optimizer.lr})"
+            )
+        val_best = trainer.callback_metrics.get("val/acc_best")
+        best = trainer.checkpoint_callback
+        ckpt_path = best.best_model_path or best.last_model_path
+        (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except MnistlabError as e:
+        metrics.update(status="failed", error=str(e))
+        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+        raise
+    metrics.update(
+        {
+            "status": "ok",
+            "test/acc": test["test/acc"],
+            "test/loss": test["test/loss"],
+            "val/acc_best": None if val_best is None else float(val_best),
+            "checkpoint": str(Path(ckpt_path).relative_to(run_dir)) if ckpt_path else None,
+        }
+    )
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    log.info("test/acc %.4f  test/loss %.4f  (%s)", metrics["test/acc"], metrics["test/loss"], ckpt_path)
+    return metrics
+
