@@ -11,6 +11,7 @@ import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf.errors import MissingMandatoryValue
 
 from mnistlab import MnistlabError
 
@@ -38,7 +39,12 @@ def one_line_errors(task):
     @functools.wraps(task)
     def wrapper(cfg):
         try:
-            return task(cfg)
+            try:
+                return task(cfg)
+            except MissingMandatoryValue as e:
+                raise MnistlabError(
+                    f"{e.full_key} is required: add {e.full_key}=VALUE to the command"
+                ) from None
         except MnistlabError as e:
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 log.error("job failed: %s", e)

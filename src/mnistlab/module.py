@@ -8,7 +8,9 @@ loads with `torch.load(weights_only=True)`, and the module never names a concret
 from __future__ import annotations
 
 import inspect
+import pickle
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,6 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from mnistlab import MnistlabError
 
 
 def plain(cfg: Any) -> Any:
@@ -27,8 +31,12 @@ class Classifier(L.LightningModule):
     def __init__(self, model: dict, optimizer: dict, scheduler: dict | None = None, num_classes: int = 10):
         super().__init__()
         self.save_hyperparameters(
-            {"model": plain(model), "optimizer": plain(optimizer), "scheduler": plain(scheduler) or None,
-             "num_classes": num_classes}
+            {
+                "model": plain(model),
+                "optimizer": plain(optimizer),
+                "scheduler": plain(scheduler) or None,
+                "num_classes": num_classes,
+            }
         )
         self.net = instantiate(self.hparams.model)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -75,4 +83,23 @@ class Classifier(L.LightningModule):
         if "total_steps" in inspect.signature(make_scheduler.func).parameters:
             make_scheduler = partial(make_scheduler, total_steps=int(self.trainer.estimated_stepping_batches))
         scheduler = make_scheduler(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "name": "lr"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval, "name": "lr"},
+        }
+
+
+def load_classifier(path: str | Path) -> Classifier:
+    """A trained Classifier from a checkpoint, loaded without unpickling anything but tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise MnistlabError(
+            f"checkpoint {path} does not exist; pass ckpt_path=logs/runs/<run>/checkpoints/last.ckpt"
+        )
+    try:
+        return Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError) as e:
+        raise MnistlabError(
+            f"{path} is not a mnistlab checkpoint that loads with weights_only=True "
+            f"({type(e).__name__}); pass a .ckpt written by train.py"
+        ) from None

@@ -69,4 +69,3 @@ def train(cfg: DictConfig) -> dict:
     write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
     log.info("test/acc %.4f  test/loss %.4f  (%s)", metrics["test/acc"], metrics["test/loss"], ckpt_path)
     return metrics
-

@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny MNIST written as real IDX files, and the composed Hydra config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+import mnistlab.cli  # noqa: F401  (registers trainer=lightning)
+from mnistlab.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, md5
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TINY_TRAIN, TINY_TEST = 1200, 200
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    """The IDX encoding of a uint8 tensor: magic (0, 0, 0x08, ndim), big-endian dims, data."""
+    header = bytes([0, 0, 0x08, array.dim()]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.contiguous().numpy().tobytes()
+
+
+def tiny_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise plus a bright bar whose row is the label: learnable, unlike pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+    images = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
+    for i, label in enumerate(labels.tolist()):
+        images[i, 4 + 2 * label : 6 + 2 * label, 6:22] = 255
+    return images, labels
+
+
+@dataclass
+class TinyMnist:
+    data_dir: Path
+    checksums: dict[str, str]
+    config_dir: Path  # holds data/tiny.yaml: `--config-dir DIR data=tiny` in subprocess runs
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory) -> TinyMnist:
+    root = tmp_path_factory.mktemp("tiny_mnist")
+    data_dir = root / "data"
+    data_dir.mkdir()
+    train_images, train_labels = tiny_digits(TINY_TRAIN, seed=0)
+    test_images, test_labels = tiny_digits(TINY_TEST, seed=1)
+    checksums = {}
+    for name, array in [
+        (TRAIN_IMAGES, train_images),
+        (TRAIN_LABELS, train_labels),
+        (TEST_IMAGES, test_images),
+        (TEST_LABELS, test_labels),
+    ]:
+        raw = idx_bytes(array)
+        (data_dir / name).write_bytes(raw)
+        checksums[name] = md5(raw)
+    config_dir = root / "conf"
+    (config_dir / "data").mkdir(parents=True)
+    lines = [
+        "defaults: [mnist]",
+        f"data_dir: {data_dir}",
+        "train_size: 1000",
+        "val_size: 200",
+        "batch_size: 100",
+        "checksums:",
+        *(f"  {k}: {v}" for k, v in checksums.items()),
+    ]
+    (config_dir / "data" / "tiny.yaml").write_text("\n".join(lines) + "\n")
+    return TinyMnist(data_dir, checksums, config_dir)
+
+
+@pytest.fixture
+def compose_train(tiny_mnist, tmp_path):
+    """The `train.py` config, composed with overrides, pointed at the tiny data and tmp_path."""
+
+    def _compose(*overrides: str, config_name: str = "train"):
+        tiny = [
+            f"data.data_dir={tiny_mnist.data_dir}",
+            "data.train_size=1000",
+            "data.val_size=200",
+            "data.batch_size=100",
+        ]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose(config_name, overrides=[*tiny, *overrides], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path)
+            cfg.hydra.job.num = 0
+            cfg.data.checksums = tiny_mnist.checksums
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_script(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run one of the root scripts as a user would, with this interpreter."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)

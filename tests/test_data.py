@@ -1,0 +1,222 @@
+"""Fetching, verifying, parsing and splitting MNIST, and what each split is served as."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import ROOT, TINY_TEST, TINY_TRAIN, idx_bytes
+
+from mnistlab import MnistlabError, data
+from mnistlab.data import (
+    MEAN,
+    MNIST_MD5,
+    STD,
+    TRAIN_IMAGES,
+    MNISTDataModule,
+    ensure_files,
+    read_idx,
+)
+
+
+def test_read_idx_returns_the_written_array(tmp_path):
+    array = torch.arange(2 * 3 * 4, dtype=torch.uint8).reshape(2, 3, 4)
+    (tmp_path / "a").write_bytes(idx_bytes(array))
+    assert torch.equal(read_idx(tmp_path / "a"), array)
+
+
+def test_read_idx_rejects_truncated_and_foreign_files(tmp_path):
+    raw = idx_bytes(torch.zeros(5, 28, 28, dtype=torch.uint8))
+    (tmp_path / "short").write_bytes(raw[:-10])
+    (tmp_path / "png").write_bytes(b"\x89PNG\r\n\x1a\n" + raw)
+    with pytest.raises(MnistlabError, match="truncated"):
+        read_idx(tmp_path / "short")
+    with pytest.raises(MnistlabError, match="not an unsigned-byte IDX file"):
+        read_idx(tmp_path / "png")
+
+
+@pytest.fixture
+def copied_tiny(tiny_mnist, tmp_path):
+    """A private copy of the tiny files, so a test may damage them."""
+    for name in tiny_mnist.checksums:
+        (tmp_path / name).write_bytes((tiny_mnist.data_dir / name).read_bytes())
+    return tmp_path, tiny_mnist.checksums
+
+
+def test_a_verified_copy_is_used_without_fetching(copied_tiny, monkeypatch):
+    data_dir, checksums = copied_tiny
+
+    def no_fetch(names):
+        raise AssertionError(f"fetched {names} although a verified copy was there")
+
+    monkeypatch.setattr(data, "SOURCES", {"nothing": no_fetch})
+    assert ensure_files(data_dir, checksums) == data_dir
+
+
+def test_a_corrupt_file_is_fetched_again_and_replaced(copied_tiny, monkeypatch):
+    data_dir, checksums = copied_tiny
+    good = (data_dir / TRAIN_IMAGES).read_bytes()
+    (data_dir / TRAIN_IMAGES).write_bytes(good[: len(good) // 2])  # an interrupted download
+    asked = []
+
+    def broken_mirror(names):
+        raise OSError("no route to host")
+
+    def wrong_bytes(names):
+        asked.append(("wrong", names))
+        return {name: b"garbage" for name in names}
+
+    def good_source(names):
+        asked.append(("good", names))
+        return {TRAIN_IMAGES: good}
+
+    sources = {"mirror": broken_mirror, "wrong": wrong_bytes, "good": good_source}
+    monkeypatch.setattr(data, "SOURCES", sources)
+    ensure_files(data_dir, checksums)
+    assert (data_dir / TRAIN_IMAGES).read_bytes() == good
+    assert asked == [("wrong", [TRAIN_IMAGES]), ("good", [TRAIN_IMAGES])]
+    assert not list(data_dir.glob(".*.part")), "a temporary file was left behind"
+
+
+def test_when_every_source_fails_the_message_names_them_and_the_folder(copied_tiny, monkeypatch):
+    data_dir, checksums = copied_tiny
+    (data_dir / TRAIN_IMAGES).write_bytes(b"corrupt")
+
+    def wrong_bytes(names):
+        return {name: b"still corrupt" for name in names}
+
+    monkeypatch.setattr(data, "SOURCES", {"mirror A": wrong_bytes})
+    with pytest.raises(MnistlabError) as error:
+        ensure_files(data_dir, checksums)
+    message = str(error.value)
+    assert "mirror A (checksum mismatch" in message and str(data_dir) in message
+    assert "\n" not in message
+    assert (data_dir / TRAIN_IMAGES).read_bytes() == b"corrupt", "nothing unverified is written"
+
+
+def test_an_unwritable_data_dir_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(MnistlabError, match="set data.data_dir to a writable folder"):
+        ensure_files(blocker / "mnist", MNIST_MD5)
+
+
+def make_datamodule(tiny_mnist, **kwargs) -> MNISTDataModule:
+    options = dict(
+        data_dir=tiny_mnist.data_dir,
+        checksums=tiny_mnist.checksums,
+        train_size=1000,
+        val_size=200,
+        batch_size=64,
+    )
+    dm = MNISTDataModule(**{**options, **kwargs})
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_split_is_disjoint_sized_and_fixed_by_split_seed(tiny_mnist):
+    a, b = make_datamodule(tiny_mnist), make_datamodule(tiny_mnist)
+    other = make_datamodule(tiny_mnist, split_seed=1)
+    assert len(a.train_set) == 1000 and len(a.val_set) == 200 and len(a.test_set) == TINY_TEST
+    train_rows = {img.numpy().tobytes() for img in a.train_set.images}
+    assert not any(img.numpy().tobytes() in train_rows for img in a.val_set.images)
+    assert torch.equal(a.val_set.images, b.val_set.images)
+    assert not torch.equal(a.val_set.images, other.val_set.images)
+
+
+def test_split_larger_than_the_training_set_is_refused(tiny_mnist):
+    with pytest.raises(MnistlabError, match="data.train_size \\+ data.val_size"):
+        make_datamodule(tiny_mnist, train_size=TINY_TRAIN, val_size=1)
+
+
+def test_unknown_augmentation_lists_the_known_ones(tiny_mnist):
+    with pytest.raises(MnistlabError, match="readme, notebook, none"):
+        MNISTDataModule(augment="sideways")
+
+
+class SeenBatches(L.Callback):
+    """Keeps the first batch of each stage as the model receives it (after the transfer hook)."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.seen.setdefault("train", batch)
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.seen.setdefault("val", batch)
+
+    def on_test_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        self.seen.setdefault("test", batch)
+
+
+def test_val_and_test_images_are_never_augmented_and_train_images_are(tiny_mnist):
+    from mnistlab.module import Classifier
+
+    dm = make_datamodule(tiny_mnist, augment="readme")
+    model = Classifier(
+        {"_target_": "mnistlab.models.build_net", "layers": ["flatten", "linear 784 10"]},
+        {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01},
+    )
+    seen = SeenBatches()
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        limit_test_batches=1,
+        callbacks=[seen],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm)
+
+    def plain(images):
+        return ((images.float() / 255 - MEAN) / STD).unsqueeze(1)
+
+    val_images, _ = seen.seen["val"]
+    test_images, _ = seen.seen["test"]
+    assert torch.allclose(val_images, plain(dm.val_set.images[:64]))
+    assert torch.allclose(test_images, plain(dm.test_set.images[:64]))
+    train_images, train_labels = seen.seen["train"]
+    assert train_images.shape == (64, 1, 28, 28) and train_labels.shape == (64,)
+    # Shuffled and augmented: no served training image equals any stored one exactly.
+    stored = plain(dm.train_set.images)
+    assert not any((stored == image).all(dim=(1, 2, 3)).any() for image in train_images)
+
+
+def test_real_mnist_is_fetched_or_reused_with_its_known_counts():
+    """The one fast test on the real files: fetched once into data/, then reused."""
+    dm = MNISTDataModule(data_dir=str(ROOT / "data"))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50_000, 10_000, 10_000)
+    all_train = torch.cat([dm.train_set.labels, dm.val_set.labels])
+    assert torch.bincount(all_train).tolist() == [
+        5923,
+        6742,
+        5958,
+        6131,
+        5842,
+        5421,
+        5918,
+        6265,
+        5851,
+        5949,
+    ]
+    assert torch.bincount(dm.test_set.labels).tolist() == [
+        980,
+        1135,
+        1032,
+        1010,
+        982,
+        892,
+        958,
+        1028,
+        974,
+        1009,
+    ]

@@ -1,0 +1,122 @@
+"""The training task end to end on tiny data: the real Trainer, loggers, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_script
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mnistlab.train import train
+
+TINY_LIMITS = [
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["optimizer=sgd", "scheduler=one_cycle"], ["scheduler=none", "data.augment=notebook"]],
+    ids=["default", "sgd-one_cycle", "constant-notebook"],
+)
+def test_fast_dev_run_of_the_composed_config(compose_train, overrides):
+    cfg = compose_train("trainer.fast_dev_run=true", *overrides)
+    metrics = train(cfg)
+    assert metrics["status"] == "ok" and 0 <= metrics["test/acc"] <= 1
+
+
+def test_without_a_validation_set_the_last_checkpoint_is_tested(compose_train, tmp_path):
+    cfg = compose_train("data.val_size=0", *TINY_LIMITS)
+    metrics = train(cfg)
+    assert metrics["val/acc_best"] is None
+    assert metrics["checkpoint"] == "checkpoints/last.ckpt"
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_mnist, tmp_path_factory):
+    """`train.py` run as a user runs it, on the tiny data, with Lightning's batch limits."""
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_script(
+        "train.py",
+        "--config-dir",
+        str(tiny_mnist.config_dir),
+        "data=tiny",
+        *TINY_LIMITS,
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_train_script_writes_metrics_json_with_the_promised_fields(finished_run):
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    for key in [
+        "test/acc",
+        "test/loss",
+        "val/acc_best",
+        "epochs",
+        "params",
+        "seed",
+        "train_seconds",
+    ]:
+        assert metrics[key] is not None, key
+    assert metrics["epochs"] == 2 and metrics["params"] == 19_348 and metrics["seed"] == 1
+    assert (finished_run / ".hydra" / "config.yaml").is_file()
+
+
+def test_train_script_logs_every_metric_to_tensorboard(finished_run):
+    events = EventAccumulator(str(finished_run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/acc_best",
+        "test/loss",
+        "test/acc",
+        "lr",
+    }
+    assert expected <= tags
+    assert len(events.Scalars("val/acc")) == 2  # one point per epoch
+
+
+def test_checkpoints_load_with_weights_only_and_eval_reproduces_the_test_metrics(finished_run, tiny_mnist):
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    best = finished_run / metrics["checkpoint"]
+    assert best.name.startswith("best-") and (finished_run / "checkpoints" / "last.ckpt").is_file()
+    checkpoint = torch.load(best, weights_only=True)
+    assert checkpoint["hyper_parameters"]["model"]["_target_"] == "mnistlab.models.build_net"
+
+    result = run_script(
+        "eval.py",
+        "--config-dir",
+        str(tiny_mnist.config_dir),
+        "data=tiny",
+        f"ckpt_path={best}",
+        "trainer.limit_test_batches=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads(result.stdout.strip().splitlines()[-1])
+    assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval.py", "ckpt_path=missing.ckpt"], "error: checkpoint missing.ckpt does not exist"),
+        (["eval.py"], "error: ckpt_path is required"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_non_zero_exit(args, message):
+    result = run_script(*args)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(message)
