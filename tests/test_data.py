@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, TINY_TEST, TINY_TRAIN, idx_bytes
 
+from conftest import ROOT, TINY_TEST, TINY_TRAIN, idx_bytes
 from mnistlab import MnistlabError, data
 from mnistlab.data import (
     MEAN,

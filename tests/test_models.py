@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONF, run_script
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import CONF, run_script
 from mnistlab import MnistlabError
 from mnistlab.models import build_net, count_params
 from mnistlab.summary import layer_table
@@ -79,7 +79,8 @@ def test_a_bad_layer_line_is_one_clear_error(line):
         build_net([line])
 
 
-def test_summary_script_ends_with_the_seed_total():
-    result = run_script("summary.py")
+@pytest.mark.parametrize(("args", "total"), [([], "19,348"), (["experiment=ex09"], "22,410")])
+def test_summary_script_ends_with_the_total(args, total):
+    result = run_script("summary.py", *args)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "Total params: 19,348"
+    assert result.stdout.strip().splitlines()[-1] == f"Total params: {total}"

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import run_script
 from mnistlab.train import train
 
 TINY_LIMITS = [

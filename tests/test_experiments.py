@@ -1,0 +1,48 @@
+"""Every seed experiment composes to its row of ../shared/seed/EXPERIMENTS.md, as it really ran."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from conftest import CONF
+from mnistlab.models import count_params
+
+# ex: (params, batch, Adam lr, StepLR step, epochs, dropout, train/val split, augmentation)
+SEED_RUNS = {
+    1: (12_026, 512, 0.001, 2, 20, None, (60_000, 0), "notebook"),
+    2: (12_026, 512, 0.001, 2, 20, None, (60_000, 0), "notebook"),
+    3: (35_946, 512, 0.001, 2, 20, None, (60_000, 0), "notebook"),
+    4: (32_090, 512, 0.001, 2, 20, None, (60_000, 0), "notebook"),
+    5: (38_330, 512, 0.001, 2, 20, None, (60_000, 0), "notebook"),
+    6: (22_186, 512, 0.001, 2, 20, None, (60_000, 0), "notebook"),
+    7: (22_186, 512, 0.001, 5, 20, None, (60_000, 0), "notebook"),
+    8: (22_186, 512, 0.001, 10, 20, None, (60_000, 0), "notebook"),
+    9: (22_410, 512, 0.001, 10, 20, None, (60_000, 0), "notebook"),
+    10: (22_410, 1024, 0.001, 10, 20, None, (60_000, 0), "notebook"),
+    11: (19_614, 1024, 0.001, 10, 20, None, (60_000, 0), "notebook"),
+    12: (19_614, 1024, 0.001, 10, 15, None, (50_000, 10_000), "notebook"),
+    13: (19_614, 1024, 0.001, 10, 15, 0.5, (50_000, 10_000), "notebook"),
+    14: (19_614, 1024, 0.001, 10, 20, 0.25, (50_000, 10_000), "none"),
+    15: (19_614, 1024, 0.001, 10, 20, None, (50_000, 10_000), "none"),
+    16: (19_614, 1024, 0.001, 10, 20, 0.3, (50_000, 10_000), "none"),
+    17: (19_348, 1024, 0.05, 10, 20, 0.1, (50_000, 10_000), "none"),
+    18: (19_348, 1024, 0.05, 10, 20, 0.15, (50_000, 10_000), "none"),
+}
+
+
+@pytest.mark.parametrize("ex", SEED_RUNS)
+def test_experiment_config_reproduces_its_seed_run(ex):
+    params, batch, lr, step, epochs, dropout, split, augment = SEED_RUNS[ex]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment=ex{ex:02d}"])
+    net = instantiate(cfg.model)
+    dropouts = {m.p for m in net.modules() if type(m).__name__ == "Dropout"}
+    assert count_params(net) == params
+    assert dropouts == (set() if dropout is None else {dropout})
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == lr
+    assert cfg.scheduler._target_.endswith("StepLR") and cfg.scheduler.step_size == step
+    assert cfg.scheduler.gamma == 0.1
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.data.augment) == (batch, epochs, augment)
+    assert (cfg.data.train_size, cfg.data.val_size) == split
