@@ -9,6 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import run_script
+from mnistlab import MnistlabError
 from mnistlab.train import train
 
 TINY_LIMITS = [
@@ -120,3 +121,11 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(args, message):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith(message)
+
+
+def test_a_diverging_run_stops_and_says_so_in_metrics_json(compose_train, tmp_path):
+    cfg = compose_train("optimizer=sgd", "optimizer.lr=1e30", "scheduler=none", *TINY_LIMITS)
+    with pytest.raises(MnistlabError, match="training diverged in epoch 0 .* lower optimizer.lr"):
+        train(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "diverged" in metrics["error"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -67,6 +68,14 @@ class Classifier(L.LightningModule):
 
     def on_train_start(self):
         self.val_acc_best.reset()  # forget the sanity check's pass over a few batches
+
+    def on_train_epoch_end(self):
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if loss is not None and not torch.isfinite(loss):
+            raise MnistlabError(
+                f"training diverged in epoch {self.current_epoch} (train/loss = {float(loss)}); "
+                f"lower optimizer.lr (now {self.hparams.optimizer.get('lr')})"
+            )
 
     def on_validation_epoch_end(self):
         self.val_acc_best(self.val_acc.compute())

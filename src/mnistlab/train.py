@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -44,11 +43,6 @@ def train(cfg: DictConfig) -> dict:
         trainer.fit(model, datamodule=datamodule)
         metrics["train_seconds"] = round(time.perf_counter() - start, 1)
         metrics["epochs"] = trainer.current_epoch
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and not math.isfinite(loss):
-            raise MnistlabError(
-                f"training diverged (train/loss = {float(loss)}); lower optimizer.lr (now {cfg.optimizer.lr})"
-            )
         val_best = trainer.callback_metrics.get("val/acc_best")
         best = trainer.checkpoint_callback
         ckpt_path = best.best_model_path or best.last_model_path
