@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install train test test-all lint tensorboard clean
+LOGS   ?= logs
+
+.PHONY: install train test test-all sweep report lint tensorboard clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,14 @@ install: $(STAMP)
 ## Overrides go in ARGS: make train ARGS="trainer.max_epochs=3 seed=2"
 train: install
 	$(PY) train.py $(ARGS)
+
+## The default grid: dropout x LR, 6 full runs (about 1.5 h on 2 CPU cores; shorten with ARGS).
+sweep: install
+	$(PY) train.py -m model.dropout=0.05,0.1,0.15 optimizer.lr=0.01,0.05 $(ARGS)
+
+## logs/report.md and logs/report.png from every run under $(LOGS).
+report: install
+	$(PY) -m mnistlab.report $(LOGS)
 
 ## The fast test suite (offline apart from one MNIST fetch into data/ on first use).
 test: install

@@ -129,3 +129,24 @@ def test_a_diverging_run_stops_and_says_so_in_metrics_json(compose_train, tmp_pa
         train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "diverged" in metrics["error"]
+
+
+def test_a_grid_multirun_gives_one_directory_per_job_and_one_report_row_each(tiny_mnist, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        "train.py", "-m", "--config-dir", str(tiny_mnist.config_dir), "data=tiny",
+        "model.dropout=0.05,0.1", "optimizer.lr=0.01,0.05", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+        f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
+    assert len(jobs) == 4
+    assert all(json.loads((job / "metrics.json").read_text())["status"] == "ok" for job in jobs)
+
+    report = run_script("-m", "mnistlab.report", str(sweep_dir))
+    assert report.returncode == 0, report.stderr
+    rows = [line for line in (sweep_dir / "report.md").read_text().splitlines() if line.startswith("| `")]
+    assert len(rows) == 4
+    assert any("model.dropout=0.1 optimizer.lr=0.05" in row for row in rows)
+    assert (sweep_dir / "report.png").stat().st_size > 0

@@ -1,0 +1,196 @@
+"""The experiment table, built from the runs under `logs/`: `python -m mnistlab.report [LOGS]`.
+
+Each run directory holds `.hydra/config.yaml` (what ran), `metrics.json` (how it ended) and
+TensorBoard events (the curves). Runs whose configs differ only in `seed` are one row, with
+mean +- std over the seeds. Writes `report.md` and `report.png` (validation curves) in LOGS.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+# What SEED_README.md reported for each experiment (../shared/seed/EXPERIMENTS.md, "README result").
+SEED_REPORTED = {
+    "ex01": "ep1 test 89.64%", "ex02": "ep1 test 88.19%", "ex03": "ep1 test 94.75%",
+    "ex04": "ep1 test 96.11%", "ex05": "ep10 test 98.63%", "ex06": "ep10 test 98.04%",
+    "ex07": "ep10 test 98.72%", "ex08": "ep19 test 99.17%", "ex09": "ep19 test 99.46%",
+    "ex10": "ep19 test 99.47%", "ex11": "ep20 test 99.28%", "ex12": "ep15 val 98.86%, test 99.35%",
+    "ex13": "ep15 val 98.55%, test 99.23%", "ex14": "ep20 val 98.99%, test 99.18%",
+    "ex15": "ep20 val 98.93%, test 99.19%", "ex16": "ep20 val 98.90%, test 99.15%",
+    "ex17": "ep14 val 99.38%, test 99.49%", "ex18": "ep19 val 99.30%, test 99.41%",
+}  # fmt: skip
+
+# Keys that name where a run wrote, not what it ran.
+NOT_CONFIG = {"seed", "logger", "callbacks"}
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    overrides: list[str]
+    metrics: dict
+
+    @property
+    def label(self) -> str:
+        """The overrides that make this configuration, without seed and paths."""
+        kept = [
+            o
+            for o in self.overrides
+            if not o.lstrip("+~").startswith(
+                ("seed=", "hydra.", "data.data_dir=", "trainer.default_root_dir=")
+            )
+        ]
+        return " ".join(kept) or "default"
+
+    @property
+    def key(self) -> str:
+        config = {k: v for k, v in self.config.items() if k not in NOT_CONFIG}
+        config["trainer"] = {k: v for k, v in config.get("trainer", {}).items() if k != "default_root_dir"}
+        return json.dumps(config, sort_keys=True, default=str)
+
+
+def find_runs(logs: Path) -> list[Run]:
+    runs = []
+    for metrics_file in sorted(logs.rglob("metrics.json")):
+        run_dir = metrics_file.parent
+        config_file = run_dir / ".hydra" / "config.yaml"
+        if not config_file.is_file():
+            continue
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
+        overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+        runs.append(
+            Run(
+                path=run_dir,
+                config=OmegaConf.to_container(OmegaConf.load(config_file), resolve=False),
+                overrides=[str(o) for o in overrides],
+                metrics=json.loads(metrics_file.read_text()),
+            )
+        )
+    return runs
+
+
+def val_curve(run: Run) -> list[float]:
+    """Per-epoch `val/acc` from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events_dir = run.path / "tensorboard"
+    if not events_dir.is_dir():
+        return []
+    events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if "val/acc" not in events.Tags()["scalars"]:
+        return []
+    return [e.value for e in events.Scalars("val/acc")]
+
+
+def _spread(values: list[float], scale: float = 100, digits: int = 2) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0] * scale:.{digits}f}"
+    mean, std = statistics.mean(values), statistics.stdev(values)
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f} (min {min(values) * scale:.{digits}f})"
+
+
+def _describe(config: dict) -> dict[str, str]:
+    optimizer = config.get("optimizer", {})
+    scheduler = config.get("scheduler") or {}
+    sched_name = scheduler.get("_target_", "none").rsplit(".", 1)[-1]
+    if sched_name == "StepLR":
+        sched_name += f" {scheduler.get('step_size')}×{scheduler.get('gamma')}"
+    model, data = config.get("model", {}), config.get("data", {})
+    has_dropout = any(str(line).split()[0] == "dropout" for line in model.get("layers", []))
+    return {
+        "batch": str(data.get("batch_size", "")),
+        "optimizer": f"{optimizer.get('_target_', '?').rsplit('.', 1)[-1]} {optimizer.get('lr')}",
+        "scheduler": sched_name,
+        "dropout": str(model.get("dropout")) if has_dropout else "–",
+        "augment": str(data.get("augment", "")),
+        "split": f"{data.get('train_size', 0) / 1000:g}k/{data.get('val_size', 0) / 1000:g}k",
+    }
+
+
+def build_report(runs: list[Run]) -> str:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.metrics.get("status") == "ok":
+            groups.setdefault(run.key, []).append(run)
+    header = (
+        "| configuration | params | batch | optimizer, LR | scheduler | dropout | augment | split | epochs "
+        "| best val/acc % | test/acc % | train min | n | seed's README |"
+    )
+    lines = [
+        "# Experiment report",
+        "",
+        "Built by `make report` from the runs under logs/. Accuracy in %; with several seeds of one "
+        "configuration: mean ± sample std (min). test/acc is measured on the checkpoint with the best "
+        "val/acc (the last one when there is no validation set).",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
+    for group in groups.values():
+        first = group[0]
+        d = _describe(first.config)
+        experiment = next((o.split("=", 1)[1] for o in first.overrides if o.startswith("experiment=")), None)
+        minutes = [r.metrics.get("train_seconds", 0) / 60 for r in group]
+        val = [r.metrics["val/acc_best"] for r in group if r.metrics.get("val/acc_best") is not None]
+        test = [r.metrics["test/acc"] for r in group]
+        cells = [
+            f"`{first.label}`", f"{first.metrics.get('params', 0):,}", d["batch"], d["optimizer"],
+            d["scheduler"], d["dropout"], d["augment"], d["split"], str(first.metrics.get("epochs")),
+            _spread(val), _spread(test), f"{statistics.mean(minutes):.1f}", str(len(group)),
+            SEED_REPORTED.get(experiment, ""),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in runs if r.metrics.get("status") != "ok"]
+    if failed:
+        lines += ["", "## Runs that did not finish", ""]
+        lines += [
+            f"- `{r.path}` (`{r.label}`): {r.metrics.get('error', r.metrics.get('status'))}" for r in failed
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors: dict[str, str] = {}
+    for run in runs:
+        curve = val_curve(run)
+        if not curve:
+            continue
+        label = run.label if run.label not in colors else None
+        color = colors.setdefault(run.label, f"C{len(colors) % 10}")
+        ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], color=color, label=label, alpha=0.8)
+    ax.set(xlabel="epoch", ylabel="val/acc (%)", title="Validation accuracy per run")
+    ax.set_ylim(bottom=max(ax.get_ylim()[0], 97.0))
+    ax.grid(alpha=0.3)
+    if colors:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logs = Path((argv or sys.argv[1:] or ["logs"])[0])
+    runs = find_runs(logs)
+    (logs / "report.md").write_text(build_report(runs))
+    plot_curves(runs, logs / "report.png")
+    print(f"{len(runs)} runs -> {logs / 'report.md'}, {logs / 'report.png'}")
+
+
+if __name__ == "__main__":
+    main()

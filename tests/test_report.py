@@ -1,0 +1,44 @@
+"""The report groups runs that differ only by seed, and shows mean, spread, min and n."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mnistlab.report import Run, build_report
+
+
+def run(seed: int, test_acc: float, val_acc: float, lr: float = 0.05) -> Run:
+    config = {
+        "seed": seed,
+        "data": {"batch_size": 1024, "augment": "readme", "train_size": 50000, "val_size": 10000},
+        "model": {"layers": ["conv 1 8", "gap", "dropout", "linear 8 10"], "dropout": 0.1},
+        "optimizer": {"_target_": "torch.optim.Adam", "lr": lr},
+        "scheduler": {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 10, "gamma": 0.1},
+        "trainer": {"max_epochs": 15, "default_root_dir": f"logs/runs/{seed}"},
+        "callbacks": {"model_checkpoint": {"dirpath": f"logs/runs/{seed}/checkpoints"}},
+    }
+    metrics = {"status": "ok", "test/acc": test_acc, "val/acc_best": val_acc, "epochs": 15,
+               "params": 19348, "train_seconds": 600}  # fmt: skip
+    return Run(Path(f"logs/runs/{seed}"), config, [f"seed={seed}", "experiment=ex17"], metrics)
+
+
+def test_seeds_of_one_configuration_are_one_row_with_mean_std_min_and_n():
+    runs = [
+        run(1, 0.9950, 0.9930),
+        run(2, 0.9940, 0.9920),
+        run(3, 0.9960, 0.9940),
+        run(1, 0.99, 0.99, lr=0.01),
+    ]
+    rows = [line for line in build_report(runs).splitlines() if line.startswith("| `")]
+    assert len(rows) == 2
+    cells = [c.strip() for c in rows[0].split("|")]
+    assert "99.50 ± 0.10 (min 99.40)" in cells  # test/acc over the three seeds
+    assert "99.30 ± 0.10 (min 99.20)" in cells
+    assert cells[-3] == "3" and "ep14 val 99.38%, test 99.49%" in cells[-2]
+
+
+def test_failed_runs_are_listed_apart():
+    broken = run(4, 0, 0)
+    broken.metrics = {"status": "failed", "error": "training diverged in epoch 0"}
+    report = build_report([run(1, 0.995, 0.993), broken])
+    assert "## Runs that did not finish" in report and "training diverged in epoch 0" in report
