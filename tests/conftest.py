@@ -96,6 +96,8 @@ def compose_train(tiny_mnist, tmp_path):
             cfg.hydra.job.num = 0
             cfg.data.checksums = tiny_mnist.checksums
         HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]  # as a Hydra app's task sees it
         return cfg
 
     yield _compose

@@ -20,14 +20,14 @@ from mnistlab.module import Classifier
 log = logging.getLogger(__name__)
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> L.Trainer:
+    callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values()), *callbacks]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     overrides = {"limit_val_batches": 0} if cfg.data.val_size == 0 else {}
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Fit, test the checkpoint with the best `val/acc` (the last one when there is no
     validation set), and write `metrics.json` in the run directory. Returns the metrics."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -35,7 +35,7 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = Classifier(cfg.model, cfg.optimizer, cfg.scheduler)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, callbacks)
 
     metrics: dict = {"status": "running", "seed": cfg.seed, "params": count_params(model.net)}
     try:

@@ -1,0 +1,100 @@
+"""The task behind `search.py`: an Optuna TPE study whose trials are ordinary training runs.
+
+Each trial composes the `train` config with the search's own overrides plus the trial's
+sampled values, runs the same task as `train.py` in `<study dir>/trial_NNN/`, and reports
+per-epoch `val/acc` so a median pruner can stop weak trials early.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import optuna
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mnistlab import MnistlabError
+from mnistlab.train import train
+
+log = logging.getLogger(__name__)
+SEARCH_KEYS = ("hparams_search", "n_trials", "storage", "hydra.")
+
+
+class ReportToTrial(L.Callback):
+    """Reports each epoch's val/acc to the trial; stops training once the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str = "val/acc"):
+        self.trial, self.metric, self.pruned = trial, metric, False
+
+    def on_validation_epoch_end(self, trainer, module):
+        value = trainer.callback_metrics.get(self.metric)
+        if trainer.sanity_checking or value is None:
+            return
+        self.trial.report(float(value), step=trainer.current_epoch)
+        if self.trial.should_prune():
+            self.pruned = True
+            trainer.should_stop = True
+
+
+def suggest(trial: optuna.Trial, name: str, spec: DictConfig):
+    if spec.type == "float":
+        return trial.suggest_float(name, spec.low, spec.high, log=spec.get("log", False))
+    if spec.type == "int":
+        return trial.suggest_int(name, spec.low, spec.high, log=spec.get("log", False))
+    if spec.type == "categorical":
+        return trial.suggest_categorical(name, list(spec.choices))
+    raise MnistlabError(f"hparams_search.params.{name}.type={spec.type!r}; use float, int or categorical")
+
+
+def search(cfg: DictConfig) -> optuna.Study:
+    space = cfg.hparams_search
+    study_dir = Path(HydraConfig.get().runtime.output_dir)
+    base = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(SEARCH_KEYS)]
+    study = optuna.create_study(
+        study_name=space.study_name,
+        storage=cfg.storage,
+        load_if_exists=True,
+        direction=space.direction,
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+        pruner=optuna.pruners.MedianPruner(**space.get("pruner", {})),
+    )
+    done = [
+        t
+        for t in study.trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    remaining = max(cfg.n_trials - len(done), 0)
+    log.info("study %s: %d trials done, %d to run, in %s", space.study_name, len(done), remaining, study_dir)
+
+    def objective(trial: optuna.Trial) -> float:
+        sampled = [f"{name}={suggest(trial, name, spec)}" for name, spec in space.params.items()]
+        trial_dir = study_dir / f"trial_{trial.number:03d}"
+        trial_cfg = compose("train", overrides=[*base, *sampled], return_hydra_config=True)
+        with open_dict(trial_cfg):
+            trial_cfg.hydra.runtime.output_dir = str(trial_dir)
+        HydraConfig.instance().set_config(trial_cfg)
+        with open_dict(trial_cfg):
+            del trial_cfg["hydra"]  # as a Hydra app's task sees it; ${hydra:...} reads HydraConfig
+        (trial_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(trial_cfg, trial_dir / ".hydra" / "config.yaml")
+        OmegaConf.save(OmegaConf.create([*base, *sampled]), trial_dir / ".hydra" / "overrides.yaml")
+        reporter = ReportToTrial(trial)
+        metrics = train(trial_cfg, callbacks=[reporter])
+        if reporter.pruned:
+            raise optuna.TrialPruned()
+        return metrics[space.metric]
+
+    if remaining:
+        study.optimize(objective, n_trials=remaining, catch=(MnistlabError,))
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        raise MnistlabError(
+            f"no trial of study {space.study_name} finished; see the trial logs in {study_dir}"
+        )
+    best = study.best_trial
+    overrides = " ".join([*base, *(f"{k}={v}" for k, v in best.params.items())])
+    print(f"best trial {best.number}: {space.metric} = {best.value:.4f}")
+    print(f"python train.py {overrides}")
+    return study
