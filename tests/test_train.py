@@ -71,6 +71,13 @@ def test_train_script_writes_metrics_json_with_the_promised_fields(finished_run)
     assert (finished_run / ".hydra" / "config.yaml").is_file()
 
 
+def test_train_log_keeps_the_model_table_and_one_line_per_epoch(finished_run):
+    text = (finished_run / "train.log").read_text()
+    assert "Total params: 19,348" in text and "   RF" in text
+    epoch_lines = [line for line in text.splitlines() if "mnistlab.train" in line and "] - epoch " in line]
+    assert len(epoch_lines) == 2 and "epoch 2/2" in epoch_lines[-1] and "val/acc " in epoch_lines[-1]
+
+
 def test_train_script_logs_every_metric_to_tensorboard(finished_run):
     events = EventAccumulator(str(finished_run / "tensorboard"))
     events.Reload()

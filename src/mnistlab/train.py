@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -16,14 +17,36 @@ from mnistlab import MnistlabError
 from mnistlab.data import write_atomic
 from mnistlab.models import count_params
 from mnistlab.module import Classifier
+from mnistlab.summary import format_table
 
 log = logging.getLogger(__name__)
+
+
+class EpochSummary(L.Callback):
+    """One log line per epoch (console and train.log): the metrics a progress bar would show,
+    kept in the run's log, and readable where no live bar is (CI, `nohup`, files)."""
+
+    def on_train_epoch_start(self, trainer, module):
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        shown = ["train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best"]
+        metrics = {k: float(trainer.callback_metrics[k]) for k in shown if k in trainer.callback_metrics}
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        log.info(
+            "epoch %d/%d  %s  lr %.3g  (%.0f s)", trainer.current_epoch + 1, trainer.max_epochs,
+            "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), lr, time.perf_counter() - self.start,
+        )  # fmt: skip
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> L.Trainer:
     callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values()), *callbacks]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     overrides = {"limit_val_batches": 0} if cfg.data.val_size == 0 else {}
+    if cfg.trainer.get("enable_progress_bar") is None and not sys.stdout.isatty():
+        overrides["enable_progress_bar"] = False  # a live bar only where someone watches it
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
@@ -31,10 +54,13 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Fit, test the checkpoint with the best `val/acc` (the last one when there is no
     validation set), and write `metrics.json` in the run directory. Returns the metrics."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    log.info("run directory: %s\n%s", run_dir, OmegaConf.to_yaml(cfg, resolve=True))
+    shown = OmegaConf.to_container(cfg, resolve=True)
+    shown["trainer"] = {k: v for k, v in shown["trainer"].items() if v is not None}  # Lightning's defaults
+    log.info("run directory: %s\n%s", run_dir, OmegaConf.to_yaml(shown))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = Classifier(cfg.model, cfg.optimizer, cfg.scheduler)
+    log.info("model:\n%s", format_table(model.net))
     trainer = build_trainer(cfg, callbacks)
 
     metrics: dict = {"status": "running", "seed": cfg.seed, "params": count_params(model.net)}
