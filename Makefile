@@ -7,7 +7,7 @@ ARGS   ?=
 
 LOGS   ?= logs
 
-.PHONY: install train test test-all sweep report lint tensorboard clean
+.PHONY: install train test test-all sweep report bench lint tensorboard clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ sweep: install
 ## logs/report.md and logs/report.png from every run under $(LOGS).
 report: install
 	$(PY) -m mnistlab.report $(LOGS)
+
+## Per-epoch cost of our training path against a bare PyTorch loop (a few minutes; ARGS="--compile").
+bench: install
+	$(PY) -m mnistlab.bench $(ARGS)
 
 ## The fast test suite (offline apart from one MNIST fetch into data/ on first use).
 test: install

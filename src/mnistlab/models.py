@@ -32,8 +32,11 @@ def _conv(args: list[str], batch_norm: bool) -> list[nn.Module]:
     return [*layers, nn.ReLU()]
 
 
-def build_net(layers: list[str], dropout: float = 0.0, batch_norm: bool = True) -> nn.Sequential:
-    """Build the network that the spec lines describe (see the module docstring); returns logits."""
+def build_net(
+    layers: list[str], dropout: float = 0.0, batch_norm: bool = True, compile: bool = False
+) -> nn.Sequential:
+    """Build the network that the spec lines describe (see the module docstring); returns logits.
+    `compile` applies torch.compile in place, so the state_dict keeps its plain keys."""
     modules: list[nn.Module] = []
     for line in layers:
         word, *args = str(line).split()
@@ -59,7 +62,10 @@ def build_net(layers: list[str], dropout: float = 0.0, batch_norm: bool = True) 
                 f"model layer {line!r}: {e}; write one of: conv IN OUT [k=K] [p=P], maxpool, "
                 "dropout, gap, flatten, linear IN OUT, relu"
             ) from None
-    return nn.Sequential(*modules)
+    net = nn.Sequential(*modules)
+    if compile:
+        net.compile()
+    return net
 
 
 def count_params(net: nn.Module) -> int:
