@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_script
 from mnistlab import MnistlabError
-from mnistlab.train import train
+from mnistlab.train import check_config, train
 
 TINY_LIMITS = [
     "trainer.max_epochs=2",
@@ -157,3 +157,26 @@ def test_a_grid_multirun_gives_one_directory_per_job_and_one_report_row_each(tin
     assert len(rows) == 4
     assert any("model.dropout=0.1 optimizer.lr=0.05" in row for row in rows)
     assert (sweep_dir / "report.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.dropout=1.5", "model.dropout=1.5 is out of range; use a value in [0, 1)"),
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is out of range; use a value > 0"),
+        ("data.batch_size=0", "data.batch_size=0 is out of range; use an integer >= 1"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 is out of range; use an integer >= 1"),
+        ("data.val_size=20000", "data.train_size + data.val_size = 70000 is more than MNIST's 60000"),
+    ],
+)
+def test_out_of_range_values_are_refused(compose_train, override, message):
+    with pytest.raises(MnistlabError) as error:
+        check_config(compose_train(override, "data.train_size=50000"))
+    assert str(error.value).startswith(message)
+
+
+def test_a_bad_value_stops_train_py_with_one_line_before_any_work(tmp_path):
+    result = run_script("train.py", "model.dropout=1.5", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr == "error: model.dropout=1.5 is out of range; use a value in [0, 1)\n"
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.json").exists()

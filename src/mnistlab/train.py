@@ -50,9 +50,40 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> L.Traine
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
+# key -> (test, what the allowed values are); checked before any work starts.
+CHECKS = {
+    "model.dropout": (lambda v: 0 <= v < 1, "a value in [0, 1)"),
+    "optimizer.lr": (lambda v: v > 0, "a value > 0"),
+    "data.batch_size": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "data.train_size": (lambda v: isinstance(v, int) and 1 <= v <= 60_000, "an integer in [1, 60000]"),
+    "data.val_size": (lambda v: isinstance(v, int) and 0 <= v < 60_000, "an integer in [0, 60000)"),
+    "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse values that would fail (or silently mislead) only after data and model are built."""
+    for key, (ok, allowed) in CHECKS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        try:
+            valid = ok(value)
+        except TypeError:
+            valid = False
+        if not valid or isinstance(value, bool):
+            raise MnistlabError(f"{key}={value!r} is out of range; use {allowed}")
+    total = cfg.data.train_size + cfg.data.val_size
+    if total > 60_000:
+        raise MnistlabError(
+            f"data.train_size + data.val_size = {total} is more than MNIST's 60000 training images; lower one"
+        )
+
+
 def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Fit, test the checkpoint with the best `val/acc` (the last one when there is no
     validation set), and write `metrics.json` in the run directory. Returns the metrics."""
+    check_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     shown = OmegaConf.to_container(cfg, resolve=True)
     shown["trainer"] = {k: v for k, v in shown["trainer"].items() if v is not None}  # Lightning's defaults
