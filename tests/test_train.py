@@ -96,6 +96,21 @@ def test_train_script_logs_every_metric_to_tensorboard(finished_run):
     assert len(events.Scalars("val/acc")) == 2  # one point per epoch
 
 
+def test_tensorboard_hparams_hold_the_settings_and_the_final_metrics(finished_run):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(finished_run / "tensorboard"))
+    events.Reload()
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = {k: v.ListFields()[0][1] for k, v in start.session_start_info.hparams.items()}
+    assert hparams["model.dropout"] == 0.1 and hparams["optimizer"] == "torch.optim.Adam"
+    assert hparams["data.batch_size"] == 100 and hparams["seed"] == 1
+    assert events.Scalars("hp/test_acc")[-1].value == pytest.approx(metrics["test/acc"])
+    assert events.Scalars("hp/val_acc_best")[-1].value == pytest.approx(metrics["val/acc_best"])
+
+
 def test_checkpoints_load_with_weights_only_and_eval_reproduces_the_test_metrics(finished_run, tiny_mnist):
     metrics = json.loads((finished_run / "metrics.json").read_text())
     best = finished_run / metrics["checkpoint"]

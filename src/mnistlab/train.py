@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mnistlab import MnistlabError
@@ -80,6 +81,32 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
+def flat_hparams(cfg: DictConfig) -> dict:
+    """The run's hyperparameters as flat `group.key` scalars, for TensorBoard's HParams tab."""
+    chosen = {
+        "seed": cfg.seed,
+        "model": cfg.model,
+        "optimizer": cfg.optimizer,
+        "scheduler": cfg.scheduler or {"_target_": "none"},
+        "data": {k: v for k, v in cfg.data.items() if k not in ("data_dir", "checksums", "_target_")},
+        "trainer": {"max_epochs": cfg.trainer.max_epochs, "precision": cfg.trainer.precision},
+    }
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key != "_partial_":
+                    walk(f"{prefix}.{key}" if prefix else key, value)
+        elif isinstance(node, list):
+            flat[prefix] = " | ".join(map(str, node))
+        else:
+            flat[prefix.replace("._target_", "")] = str(node) if node is None else node
+
+    walk("", OmegaConf.to_container(OmegaConf.create(chosen), resolve=True))
+    return flat
+
+
 def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Fit, test the checkpoint with the best `val/acc` (the last one when there is no
     validation set), and write `metrics.json` in the run directory. Returns the metrics."""
@@ -118,5 +145,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         }
     )
     write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    for logger in trainer.loggers:  # the HParams tab: this run's settings beside its results
+        if isinstance(logger, TensorBoardLogger):
+            final = {"hp/test_acc": metrics["test/acc"], "hp/val_acc_best": metrics["val/acc_best"] or 0.0}
+            logger.log_hyperparams(flat_hparams(cfg), final)
     log.info("test/acc %.4f  test/loss %.4f  (%s)", metrics["test/acc"], metrics["test/loss"], ckpt_path)
     return metrics
