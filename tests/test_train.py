@@ -22,8 +22,13 @@ TINY_LIMITS = [
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["optimizer=sgd", "scheduler=one_cycle"], ["scheduler=none", "data.augment=notebook"]],
-    ids=["default", "sgd-one_cycle", "constant-notebook"],
+    [
+        [],
+        ["optimizer=sgd", "scheduler=one_cycle"],
+        ["scheduler=none", "data.augment=notebook"],
+        ["trainer=gpu", "trainer.accelerator=cpu"],  # the GPU recipe's bf16 autocast, on the CPU
+    ],
+    ids=["default", "sgd-one_cycle", "constant-notebook", "gpu-recipe-on-cpu"],
 )
 def test_fast_dev_run_of_the_composed_config(compose_train, overrides):
     cfg = compose_train("trainer.fast_dev_run=true", *overrides)
