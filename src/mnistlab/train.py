@@ -122,6 +122,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     trainer = build_trainer(cfg, callbacks)
 
     metrics: dict = {"status": "running", "seed": cfg.seed, "params": count_params(model.net)}
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())  # a killed run says so
     try:
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule)
