@@ -122,7 +122,11 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     trainer = build_trainer(cfg, callbacks)
 
     metrics: dict = {"status": "running", "seed": cfg.seed, "params": count_params(model.net)}
-    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())  # a killed run says so
+
+    def save_metrics():
+        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+
+    save_metrics()  # a run killed from outside still says what it was
     try:
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule)
@@ -134,7 +138,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except MnistlabError as e:
         metrics.update(status="failed", error=str(e))
-        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+        save_metrics()
         raise
     metrics.update(
         {
@@ -145,7 +149,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
             "checkpoint": str(Path(ckpt_path).relative_to(run_dir)) if ckpt_path else None,
         }
     )
-    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    save_metrics()
     for logger in trainer.loggers:  # the HParams tab: this run's settings beside its results
         if isinstance(logger, TensorBoardLogger):
             final = {"hp/test_acc": metrics["test/acc"], "hp/val_acc_best": metrics["val/acc_best"] or 0.0}
