@@ -44,6 +44,7 @@ class Classifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
 
     def forward(self, x):
         return self.net(x)
@@ -66,9 +67,6 @@ class Classifier(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test", self.test_acc)
 
-    def on_train_start(self):
-        self.val_acc_best.reset()  # forget the sanity check's pass over a few batches
-
     def on_train_epoch_end(self):
         loss = self.trainer.callback_metrics.get("train/loss")
         if loss is not None and not torch.isfinite(loss):
@@ -78,8 +76,23 @@ class Classifier(L.LightningModule):
             )
 
     def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking:  # a few batches before training: not a result
+            return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint):
+        # The random streams of augmentation, dropout and shuffling, so a resumed run continues
+        # exactly where the saved one was (Lightning restores weights, optimizer and loops).
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint):
+        if "rng" in checkpoint:
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
 
     def configure_optimizers(self):
         optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())

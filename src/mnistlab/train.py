@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from mnistlab import MnistlabError
 from mnistlab.data import write_atomic
 from mnistlab.models import count_params
-from mnistlab.module import Classifier
+from mnistlab.module import Classifier, plain
 from mnistlab.summary import format_table
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,26 @@ def flat_hparams(cfg: DictConfig) -> dict:
     return flat
 
 
+def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint `ckpt_path` names (`last`: this run directory's last.ckpt), checked to hold
+    the same network, optimizer and scheduler as the config, or None to start afresh."""
+    if not cfg.get("ckpt_path"):
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise MnistlabError(
+            f"no checkpoint to resume at {path}; pass hydra.run.dir=<the run's directory> with ckpt_path=last"
+        )
+    saved = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
+    for key in ("model", "optimizer", "scheduler"):
+        if saved.get(key) != (plain(cfg[key]) or None):
+            raise MnistlabError(
+                f"{path} was trained with a different {key} ({saved.get(key)}); "
+                "resume with the same overrides as the run it continues"
+            )
+    return str(path)
+
+
 def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Fit, test the checkpoint with the best `val/acc` (the last one when there is no
     validation set), and write `metrics.json` in the run directory. Returns the metrics."""
@@ -115,6 +136,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     shown = OmegaConf.to_container(cfg, resolve=True)
     shown["trainer"] = {k: v for k, v in shown["trainer"].items() if v is not None}  # Lightning's defaults
     log.info("run directory: %s\n%s", run_dir, OmegaConf.to_yaml(shown))
+    resume_path = resume_from(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = Classifier(cfg.model, cfg.optimizer, cfg.scheduler)
@@ -129,12 +151,12 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     save_metrics()  # a run killed from outside still says what it was
     try:
         start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path)
         metrics["train_seconds"] = round(time.perf_counter() - start, 1)
         metrics["epochs"] = trainer.current_epoch
         val_best = trainer.callback_metrics.get("val/acc_best")
-        best = trainer.checkpoint_callback
-        ckpt_path = best.best_model_path or best.last_model_path
+        monitored_first = sorted(trainer.checkpoint_callbacks, key=lambda c: c.monitor is None)
+        ckpt_path = next((c.best_model_path for c in monitored_first if c.best_model_path), None)
         (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except MnistlabError as e:
         metrics.update(status="failed", error=str(e))

@@ -1,0 +1,70 @@
+"""A run killed with SIGKILL and resumed ends exactly where the same run left alone ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+TINY = [
+    "trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2", "trainer.deterministic=true", "trainer.enable_progress_bar=false",
+]  # fmt: skip
+
+
+def train(tiny_mnist, run_dir, *extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    args = [
+        "train.py",
+        "--config-dir",
+        str(tiny_mnist.config_dir),
+        "data=tiny",
+        *TINY,
+        f"hydra.run.dir={run_dir}",
+    ]
+    return subprocess.run(
+        [sys.executable, *args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_run_ends_with_the_same_weights_and_metrics(tiny_mnist, tmp_path):
+    alone, killed = tmp_path / "alone", tmp_path / "killed"
+    assert train(tiny_mnist, alone).returncode == 0
+
+    crash = train(tiny_mnist, killed, "+callbacks.crash._target_=crash.SigkillAtEpochStart",
+                  "+callbacks.crash.epoch=2")  # fmt: skip
+    assert crash.returncode == -9, crash.stderr[-2000:]
+    assert json.loads((killed / "metrics.json").read_text())["status"] == "running"
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+    resumed = train(tiny_mnist, killed, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a = torch.load(alone / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][key]), key
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (alone, killed))
+    for key in ["test/acc", "test/loss", "val/acc_best", "epochs", "checkpoint"]:
+        assert ma[key] == mb[key], key
+
+
+def test_resuming_a_run_that_has_no_checkpoint_is_one_clear_error(tiny_mnist, tmp_path):
+    result = train(tiny_mnist, tmp_path, "ckpt_path=last")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: no checkpoint to resume at {tmp_path}/checkpoints/last.ckpt")
+
+
+@pytest.mark.slow
+def test_resuming_with_other_overrides_is_refused(tiny_mnist, tmp_path):
+    assert train(tiny_mnist, tmp_path).returncode == 0
+    result = train(tiny_mnist, tmp_path, "ckpt_path=last", "optimizer.lr=0.01")
+    assert result.returncode == 2 and "was trained with a different optimizer" in result.stderr
