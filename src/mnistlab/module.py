@@ -101,9 +101,11 @@ class Classifier(L.LightningModule):
         config = dict(self.hparams.scheduler)
         interval = config.pop("interval", "epoch")
         make_scheduler = instantiate(config)
-        # Schedules laid out over the whole run (OneCycleLR) are told its length in steps.
+        # Schedules laid out over the whole run (OneCycleLR) are told its length in steps. A
+        # debugging run of a few steps gets 10, the fewest OneCycleLR can split into phases.
         if "total_steps" in inspect.signature(make_scheduler.func).parameters:
-            make_scheduler = partial(make_scheduler, total_steps=int(self.trainer.estimated_stepping_batches))
+            steps = max(int(self.trainer.estimated_stepping_batches), 10)
+            make_scheduler = partial(make_scheduler, total_steps=steps)
         scheduler = make_scheduler(optimizer)
         return {
             "optimizer": optimizer,
