@@ -129,7 +129,7 @@ def ensure_files(data_dir: str | Path, checksums: Mapping[str, str]) -> Path:
         try:
             fetched = fetch(missing)
         except (OSError, subprocess.SubprocessError, tarfile.TarError, KeyError) as e:
-            tried.append(f"{source} ({str(e).splitlines()[0][:160]})")
+            tried.append(f"{source} ({(str(e) or type(e).__name__).splitlines()[0][:160]})")
             continue
         bad = [name for name in missing if md5(fetched[name]) != checksums[name]]
         if bad:
