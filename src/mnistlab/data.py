@@ -180,6 +180,16 @@ def keep_batch(batch):
     return batch
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] in 0..255 -> float [N, 1, 28, 28] in [0, 1]."""
+    return images.unsqueeze(1).float() / 255
+
+
+def standardize(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images -> what the network takes: MNIST's mean 0 and std 1."""
+    return (images - MEAN) / STD
+
+
 class MNISTDataModule(L.LightningDataModule):
     """The official 60k/10k MNIST, the 60k split with a fixed seed into train and validation."""
 
@@ -255,7 +265,7 @@ class MNISTDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Augment (training only) and normalise on the device the batch now lives on."""
         images, labels = batch
-        images = images.unsqueeze(1).float() / 255
+        images = to_unit(images)
         if self.trainer is not None and self.trainer.training:
             images = augment(images, self.augment)
-        return (images - MEAN) / STD, labels
+        return standardize(images), labels

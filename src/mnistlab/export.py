@@ -1,0 +1,78 @@
+"""The task behind `export.py`: a checkpoint's network as ONNX, checked against PyTorch.
+
+The ONNX graph takes `[N, 1, 28, 28]` float images normalised with mean 0.1307 and std 0.3081
+(any N) and returns `[N, 10]` logits. Before the file is put in place, onnxruntime runs it on
+real test images and its logits must match PyTorch's to 1e-4.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from mnistlab import MnistlabError
+from mnistlab.data import standardize, to_unit
+from mnistlab.module import load_classifier
+
+log = logging.getLogger(__name__)
+
+
+def export_onnx(net: nn.Module, path: str | Path, check_images: torch.Tensor) -> float:
+    """Write `net` as ONNX with a dynamic batch axis; the file is put in place (renamed from a
+    temporary one) only once onnxruntime reproduces PyTorch's logits on `check_images`.
+    Returns the largest logit difference."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = net.eval().cpu()
+    example = torch.zeros(2, 1, 28, 28)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        torch.onnx.export(
+            net, (example,), tmp, input_names=["image"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
+        )  # fmt: skip
+        worst = check_against_torch(net, tmp, check_images)
+        os.replace(tmp, path)
+        return worst
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def onnx_logits(path: str | Path, images: torch.Tensor) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"image": images.numpy().astype(np.float32)})[0]
+
+
+def check_against_torch(net: nn.Module, path: str | Path, images: torch.Tensor, atol: float = 1e-4) -> float:
+    """Largest |ONNX - PyTorch| logit difference on `images`; raises if above `atol`."""
+    with torch.no_grad():
+        expected = net.eval()(images).numpy()
+    got = onnx_logits(path, images)
+    worst = float(np.abs(got - expected).max())
+    if worst > atol or (got.argmax(1) != expected.argmax(1)).any():
+        raise MnistlabError(
+            f"{path}: ONNX logits differ from PyTorch by {worst:.2e} (> {atol}); not exported"
+        )
+    return worst
+
+
+def run(cfg) -> float:
+    """Export the checkpoint, checked on the first `check_images` official test images."""
+    net = load_classifier(cfg.ckpt_path).net
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    images = standardize(to_unit(datamodule.test_set.images[: cfg.check_images]))
+    worst = export_onnx(net, cfg.output, check_images=images)
+    print(f"{cfg.output}: ONNX logits match PyTorch within {worst:.1e} on {len(images)} test images")
+    return worst

@@ -1,0 +1,129 @@
+"""Taking a model into use: MNIST-style preparation of any image, predict.py, and ONNX export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run_script
+from mnistlab import MnistlabError
+from mnistlab.data import TEST_IMAGES, TEST_LABELS, read_idx, standardize, to_unit
+from mnistlab.export import export_onnx, onnx_logits
+from mnistlab.module import load_classifier
+from mnistlab.predict import load_image, load_network, mnist_style
+
+
+@pytest.fixture(scope="module")
+def real_test_digits():
+    """The first 8 official test images (the real-data test has fetched them into data/)."""
+    from mnistlab.data import MNIST_MD5, ensure_files
+
+    ensure_files(ROOT / "data", MNIST_MD5)
+    return read_idx(ROOT / "data" / TEST_IMAGES)[:8], read_idx(ROOT / "data" / TEST_LABELS)[:8]
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_an_mnist_digit_comes_back_almost_unchanged(real_test_digits):
+    images, _ = real_test_digits
+    for image in images:
+        prepared = mnist_style(Image.fromarray(image.numpy()))
+        assert similarity(prepared, standardize(to_unit(image[None]))) > 0.95
+
+
+def test_a_large_dark_on_light_digit_is_inverted_resized_and_centred(real_test_digits):
+    images, _ = real_test_digits
+    for image in images:
+        big = Image.fromarray(255 - image.numpy()).resize((100, 100), Image.BICUBIC)  # black ink, white paper
+        padded = Image.new("L", (160, 130), 255)
+        padded.paste(big, (50, 5))  # off centre, on a wider sheet
+        assert similarity(mnist_style(padded), standardize(to_unit(image[None]))) > 0.8
+
+
+def test_a_blank_image_is_refused():
+    with pytest.raises(MnistlabError, match="found no digit"):
+        mnist_style(Image.new("L", (50, 50), 255))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_mnist, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("deploy_run")
+    result = run_script(
+        "train.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def test_export_writes_onnx_whose_logits_match_pytorch_for_any_batch(tiny_checkpoint, tiny_mnist, tmp_path):
+    out = tmp_path / "model.onnx"
+    result = run_script("export.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny",
+                        f"ckpt_path={tiny_checkpoint}", f"output={out}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ONNX logits match PyTorch" in result.stdout
+    net = load_classifier(tiny_checkpoint).net.eval()
+    for n in (1, 7):
+        images = torch.randn(n, 1, 28, 28)
+        with torch.no_grad():
+            expected = net(images).numpy()
+        np.testing.assert_allclose(onnx_logits(out, images), expected, atol=1e-4)
+
+
+def test_export_refuses_to_write_a_file_that_disagrees(tiny_checkpoint, tmp_path):
+    net = load_classifier(tiny_checkpoint).net
+    with pytest.raises(MnistlabError, match="differ from PyTorch"):
+        export_onnx(net, tmp_path / "m.onnx", check_images=torch.randn(4, 1, 28, 28) * 1e6)  # overflows
+    assert not list(tmp_path.iterdir()), "nothing is left behind"
+
+
+def test_predict_prints_the_digit_and_ten_probabilities(tiny_checkpoint, real_test_digits, tmp_path):
+    image = tmp_path / "digit.png"
+    Image.fromarray(real_test_digits[0][0].numpy()).save(image)
+    result = run_script("predict.py", f"image={image}", f"ckpt_path={tiny_checkpoint}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["digit"] in range(10) and len(answer["probabilities"]) == 10
+    assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-3)
+    assert answer["digit"] == int(np.argmax(answer["probabilities"]))
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_an_image", "empty", "huge"])
+def test_a_bad_image_is_one_clear_error(kind, tmp_path):
+    image = tmp_path / "x.png"
+    if kind == "not_an_image":
+        image.write_text("hello")
+    elif kind == "empty":
+        image.write_bytes(b"")
+    elif kind == "huge":
+        Image.new("L", (10_000, 10_000)).save(image)
+    expected = {
+        "missing": "does not exist; pass image=PATH",
+        "not_an_image": "as an image",
+        "empty": "as an image",
+        "huge": "is 10000x10000; scale it below",
+    }[kind]
+    with pytest.raises(MnistlabError, match=expected):
+        load_image(image)
+
+
+def test_missing_released_weights_are_one_clear_error(tmp_path):
+    with pytest.raises(MnistlabError, match="no released weights at .*; pass ckpt_path="):
+        load_network(None, tmp_path / "none.pt", ROOT / "conf" / "model" / "gap_cnn.yaml")
+
+
+def test_predict_script_reports_a_bad_image_in_one_line(tmp_path):
+    result = run_script("predict.py", f"image={tmp_path / 'x.png'}")
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == f"error: image {tmp_path / 'x.png'} does not exist; pass image=PATH to a PNG or JPEG\n"
+    )
