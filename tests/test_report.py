@@ -23,6 +23,7 @@ def run(seed: int, test_acc: float, val_acc: float, lr: float = 0.05) -> Run:
 
 
 def test_seeds_of_one_configuration_are_one_row_with_mean_std_min_and_n():
+    """A seed run twice counts once, with its latest result."""
     runs = [
         run(1, 0.9950, 0.9930),
         run(2, 0.9940, 0.9920),

@@ -118,10 +118,10 @@ def _describe(config: dict) -> dict[str, str]:
 
 
 def build_report(runs: list[Run]) -> str:
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
+    groups: dict[str, dict] = {}
+    for run in runs:  # sorted by path, so by start time: a repeated seed keeps its latest run
         if run.metrics.get("status") == "ok":
-            groups.setdefault(run.key, []).append(run)
+            groups.setdefault(run.key, {})[run.config.get("seed")] = run
     header = (
         "| configuration | params | batch | optimizer, LR | scheduler | dropout | augment | split | epochs "
         "| best val/acc % | test/acc % | train min | n | seed's README |"
@@ -130,13 +130,15 @@ def build_report(runs: list[Run]) -> str:
         "# Experiment report",
         "",
         "Built by `make report` from the runs under logs/. Accuracy in %; with several seeds of one "
-        "configuration: mean ± sample std (min). test/acc is measured on the checkpoint with the best "
-        "val/acc (the last one when there is no validation set).",
+        "configuration (n = distinct seeds; a repeated seed counts once, its latest run): "
+        "mean ± sample std (min). test/acc is measured on the checkpoint with the best val/acc "
+        "(the last one when there is no validation set).",
         "",
         header,
         "|" + "---|" * (header.count("|") - 1),
     ]
-    for group in groups.values():
+    for by_seed in groups.values():
+        group = list(by_seed.values())
         first = group[0]
         d = _describe(first.config)
         experiment = next((o.split("=", 1)[1] for o in first.overrides if o.startswith("experiment=")), None)
