@@ -1,4 +1,4 @@
-"""A run killed with SIGKILL and resumed ends exactly where the same run left alone ends."""
+"""Runs that outlive one process: killed and resumed, or spread over two (DDP on CPU)."""
 
 from __future__ import annotations
 
@@ -68,3 +68,17 @@ def test_resuming_with_other_overrides_is_refused(tiny_mnist, tmp_path):
     assert train(tiny_mnist, tmp_path).returncode == 0
     result = train(tiny_mnist, tmp_path, "ckpt_path=last", "optimizer.lr=0.01")
     assert result.returncode == 2 and "was trained with a different optimizer" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_writes_one_run_directory(tiny_mnist, tmp_path):
+    result = train(
+        tiny_mnist, tmp_path, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["epochs"] == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "last.ckpt"
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) >= 1
+    epoch_lines = [line for line in (tmp_path / "train.log").read_text().splitlines() if "] - epoch " in line]
+    assert len(epoch_lines) == 3  # rank 0 alone reports

@@ -54,7 +54,8 @@ class Classifier(L.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         accuracy(logits, labels)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        # sync_dist: under DDP, the epoch's loss is the mean over all processes (free on one device)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 

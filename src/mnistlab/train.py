@@ -146,7 +146,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     metrics: dict = {"status": "running", "seed": cfg.seed, "params": count_params(model.net)}
 
     def save_metrics():
-        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+        if trainer.is_global_zero:  # under DDP every process gets here; one writes
+            write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
 
     save_metrics()  # a run killed from outside still says what it was
     try:
@@ -176,5 +177,6 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         if isinstance(logger, TensorBoardLogger):
             final = {"hp/test_acc": metrics["test/acc"], "hp/val_acc_best": metrics["val/acc_best"] or 0.0}
             logger.log_hyperparams(flat_hparams(cfg), final)
-    log.info("test/acc %.4f  test/loss %.4f  (%s)", metrics["test/acc"], metrics["test/loss"], ckpt_path)
+    if trainer.is_global_zero:
+        log.info("test/acc %.4f  test/loss %.4f  (%s)", metrics["test/acc"], metrics["test/loss"], ckpt_path)
     return metrics
