@@ -127,3 +127,13 @@ def test_predict_script_reports_a_bad_image_in_one_line(tmp_path):
         result.stderr
         == f"error: image {tmp_path / 'x.png'} does not exist; pass image=PATH to a PNG or JPEG\n"
     )
+
+
+def test_weights_of_another_architecture_name_both(tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    other = instantiate(OmegaConf.load(ROOT / "conf" / "model" / "nopad_10_16.yaml"))
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(MnistlabError, match=r"other.pt is not a state_dict of the network in .*gap_cnn.yaml"):
+        load_network(None, tmp_path / "other.pt", ROOT / "conf" / "model" / "gap_cnn.yaml")

@@ -46,3 +46,12 @@ def test_experiment_config_reproduces_its_seed_run(ex):
     assert cfg.scheduler.gamma == 0.1
     assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.data.augment) == (batch, epochs, augment)
     assert (cfg.data.train_size, cfg.data.val_size) == split
+
+
+def test_multi_gpu_and_slurm_configs_compose():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["trainer=ddp", "hydra/launcher=submitit_slurm"], return_hydra_config=True
+        )
+    assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.sync_batchnorm) == ("ddp", "gpu", True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")

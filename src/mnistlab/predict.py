@@ -79,7 +79,14 @@ def load_network(ckpt_path: str | None, weights: str | Path, model_config: str |
     if not weights.is_file():
         raise MnistlabError(f"no released weights at {weights}; pass ckpt_path=PATH to a checkpoint")
     net = instantiate(OmegaConf.load(model_config))
-    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    try:
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except RuntimeError as e:  # other layer names or shapes: another architecture
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise MnistlabError(
+            f"{weights} is not a state_dict of the network in {model_config} ({first[:120]}); "
+            "pass model_config=<the weights' architecture> or ckpt_path=<a checkpoint>"
+        ) from None
     return net.eval()
 
 
