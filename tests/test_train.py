@@ -101,6 +101,15 @@ def test_train_script_logs_every_metric_to_tensorboard(finished_run):
     assert len(events.Scalars("val/acc")) == 2  # one point per epoch
 
 
+def test_tensorboard_shows_inputs_confusion_matrices_and_mistakes(finished_run):
+    events = EventAccumulator(str(finished_run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    images = set(events.Tags()["images"])
+    assert {"data/augmented_train", "confusion/val", "confusion/test", "test/misclassified"} <= images
+    picture = events.Images("test/misclassified")[-1]
+    assert picture.width > 200 and picture.encoded_image_string.startswith(b"\x89PNG")
+
+
 def test_tensorboard_hparams_hold_the_settings_and_the_final_metrics(finished_run):
     from tensorboard.plugins.hparams import plugin_data_pb2
 

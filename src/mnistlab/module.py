@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MaxMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from mnistlab import MnistlabError
 
@@ -45,6 +45,11 @@ class Classifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
+        # Gathered by the steps that already see the predictions, for the pictures callback.
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.val_confusion_last = self.test_confusion_last = None
+        self.test_mistakes: list[tuple] = []
 
     def forward(self, x):
         return self.net(x)
@@ -57,16 +62,29 @@ class Classifier(L.LightningModule):
         # sync_dist: under DDP, the epoch's loss is the mean over all processes (free on one device)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return loss, logits.argmax(dim=1)
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train", self.train_acc)
+        return self._step(batch, "train", self.train_acc)[0]
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, "val", self.val_acc)
+        _, preds = self._step(batch, "val", self.val_acc)
+        self.val_confusion.update(preds, batch[1])
 
     def test_step(self, batch, batch_idx):
-        self._step(batch, "test", self.test_acc)
+        images, labels = batch
+        _, preds = self._step(batch, "test", self.test_acc)
+        self.test_confusion.update(preds, labels)
+        if sum(len(m[1]) for m in self.test_mistakes) < 64:
+            wrong = preds != labels
+            self.test_mistakes.append((images[wrong].cpu(), labels[wrong].cpu(), preds[wrong].cpu()))
+
+    def on_test_epoch_start(self):
+        self.test_mistakes = []
+
+    def on_test_epoch_end(self):
+        self.test_confusion_last = self.test_confusion.compute()
+        self.test_confusion.reset()
 
     def on_train_epoch_end(self):
         loss = self.trainer.callback_metrics.get("train/loss")
@@ -77,8 +95,11 @@ class Classifier(L.LightningModule):
             )
 
     def on_validation_epoch_end(self):
+        confusion = self.val_confusion.compute()
+        self.val_confusion.reset()
         if self.trainer.sanity_checking:  # a few batches before training: not a result
             return
+        self.val_confusion_last = confusion
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
