@@ -110,15 +110,22 @@ def test_tensorboard_shows_inputs_confusion_matrices_and_mistakes(finished_run):
     assert picture.width > 200 and picture.encoded_image_string.startswith(b"\x89PNG")
 
 
-def test_tensorboard_hparams_hold_the_settings_and_the_final_metrics(finished_run):
+def hparams_of(run_dir) -> dict:
+    """The hparams entry of a run's TensorBoard events, as TensorBoard's HParams tab reads it."""
     from tensorboard.plugins.hparams import plugin_data_pb2
 
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    return {k: v.ListFields()[0][1] for k, v in start.session_start_info.hparams.items()}
+
+
+def test_tensorboard_hparams_hold_the_settings_and_the_final_metrics(finished_run):
     events = EventAccumulator(str(finished_run / "tensorboard"))
     events.Reload()
     metrics = json.loads((finished_run / "metrics.json").read_text())
-    content = events.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    hparams = {k: v.ListFields()[0][1] for k, v in start.session_start_info.hparams.items()}
+    hparams = hparams_of(finished_run)
     assert hparams["model.dropout"] == 0.1 and hparams["optimizer"] == "torch.optim.Adam"
     assert hparams["data.batch_size"] == 100 and hparams["seed"] == 1
     assert events.Scalars("hp/test_acc")[-1].value == pytest.approx(metrics["test/acc"])
@@ -179,6 +186,9 @@ def test_a_grid_multirun_gives_one_directory_per_job_and_one_report_row_each(tin
     jobs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
     assert len(jobs) == 4
     assert all(json.loads((job / "metrics.json").read_text())["status"] == "ok" for job in jobs)
+    # TensorBoard's HParams data: four comparable rows, each with its own settings and results
+    rows = {(hp["model.dropout"], hp["optimizer.lr"]) for hp in map(hparams_of, jobs)}
+    assert rows == {(0.05, 0.01), (0.05, 0.05), (0.1, 0.01), (0.1, 0.05)}
 
     report = run_script("-m", "mnistlab.report", str(sweep_dir))
     assert report.returncode == 0, report.stderr
