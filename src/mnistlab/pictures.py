@@ -9,20 +9,18 @@ are gathered by the LightningModule's own steps, so no extra pass over the data 
 from __future__ import annotations
 
 import lightning as L
-import matplotlib
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 
 from mnistlab.data import MEAN, STD
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8):
     """A figure of normalised [N, 1, 28, 28] images, each titled."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.25), squeeze=False)
+    fig = Figure(figsize=(columns * 1.1, rows * 1.25))  # not pyplot: no GUI backend, no global state
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):
@@ -34,7 +32,8 @@ def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8):
 
 def confusion_figure(matrix: torch.Tensor, title: str):
     matrix = matrix.cpu()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
     ax.imshow(matrix.float().log1p().numpy(), cmap="Blues")
     for (i, j), count in zip(
         torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(), matrix.flatten(), strict=True
@@ -60,8 +59,7 @@ class Pictures(L.Callback):
 
     def _draw(self, trainer, tag: str, fig) -> None:
         for writer in self._writers(trainer):
-            writer.add_figure(tag, fig, global_step=trainer.global_step)
-        plt.close(fig)
+            writer.add_figure(tag, fig, global_step=trainer.global_step, close=False)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if (
