@@ -40,6 +40,7 @@ def export_onnx(net: nn.Module, path: str | Path, check_images: torch.Tensor) ->
             dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
         )  # fmt: skip
         worst = check_against_torch(net, tmp, check_images)
+        os.chmod(tmp, 0o644)  # mkstemp made it owner-only
         os.replace(tmp, path)
         return worst
     finally:
