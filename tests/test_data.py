@@ -220,3 +220,36 @@ def test_real_mnist_is_fetched_or_reused_with_its_known_counts():
         974,
         1009,
     ]
+
+
+FETCH_SLOWLY = """
+import json, sys, time
+from pathlib import Path
+from mnistlab import data
+
+source, target, checksums = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+
+def slow_copy(names):  # a source slow enough that the two processes overlap
+    time.sleep(1.0)
+    return {name: (source / name).read_bytes() for name in names}
+
+data.SOURCES = {"slow copy": slow_copy}
+data.ensure_files(target, checksums)
+"""
+
+
+def test_two_processes_fetching_into_one_folder_leave_it_whole(tiny_mnist, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-c", FETCH_SLOWLY, str(tiny_mnist.data_dir), str(tmp_path / "mnist"),
+            json.dumps(tiny_mnist.checksums)]  # fmt: skip
+    first, second = (
+        subprocess.Popen(args, stderr=subprocess.PIPE),
+        subprocess.Popen(args, stderr=subprocess.PIPE),
+    )
+    assert first.wait(timeout=120) == 0 and second.wait(timeout=120) == 0
+    for name, digest in tiny_mnist.checksums.items():
+        assert data.md5((tmp_path / "mnist" / name).read_bytes()) == digest
+    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(tiny_mnist.checksums)

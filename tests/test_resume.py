@@ -82,3 +82,26 @@ def test_two_process_ddp_on_cpu_writes_one_run_directory(tiny_mnist, tmp_path):
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) >= 1
     epoch_lines = [line for line in (tmp_path / "train.log").read_text().splitlines() if "] - epoch " in line]
     assert len(epoch_lines) == 3  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_agrees_with_one_process_on_real_mnist(tmp_path):
+    """Same global batch (2 x 512 = 1024), same steps: the results agree within run-to-run noise."""
+    common = [
+        "data.train_size=20000", "data.val_size=5000", "trainer.max_epochs=2", "optimizer.lr=0.01",
+        "scheduler=none", "trainer.enable_progress_bar=false", f"data.data_dir={ROOT / 'data'}",
+    ]  # fmt: skip
+
+    def run(name, *extra):
+        args = [sys.executable, "train.py", *common, *extra, f"hydra.run.dir={tmp_path / name}"]
+        result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    one = run("one")
+    two = run(
+        "ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=512"
+    )
+    assert one["val/acc_best"] > 0.95 and two["val/acc_best"] > 0.95
+    assert abs(one["val/acc_best"] - two["val/acc_best"]) < 0.01
+    assert abs(one["test/acc"] - two["test/acc"]) < 0.01
