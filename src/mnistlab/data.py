@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from mnistlab import MnistlabError
 from mnistlab.augment import AUGMENTATIONS, augment
 
+log = logging.getLogger(__name__)
 MEAN, STD = 0.1307, 0.3081
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
@@ -126,6 +128,7 @@ def ensure_files(data_dir: str | Path, checksums: Mapping[str, str]) -> Path:
 
     tried = []
     for source, fetch in SOURCES.items():
+        log.info("%s: missing or failing its checksum; fetching from %s", ", ".join(missing), source)
         try:
             fetched = fetch(missing)
         except (OSError, subprocess.SubprocessError, tarfile.TarError, KeyError) as e:
@@ -137,6 +140,7 @@ def ensure_files(data_dir: str | Path, checksums: Mapping[str, str]) -> Path:
             continue
         for name in missing:
             write_atomic(data_dir / name, fetched[name])
+        log.info("verified and wrote %s to %s", ", ".join(missing), data_dir)
         return data_dir
     raise MnistlabError(
         f"could not fetch MNIST; tried {'; '.join(tried)}. "
