@@ -201,11 +201,15 @@ def test_a_grid_multirun_gives_one_directory_per_job_and_one_report_row_each(tin
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.dropout=1.5", "model.dropout=1.5 is out of range; use a value in [0, 1)"),
-        ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is out of range; use a value > 0"),
-        ("data.batch_size=0", "data.batch_size=0 is out of range; use an integer >= 1"),
-        ("trainer.max_epochs=0", "trainer.max_epochs=0 is out of range; use an integer >= 1"),
+        ("model.dropout=1.5", "model.dropout=1.5 is not allowed; use a value in [0, 1)"),
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is not allowed; use a value > 0"),
+        ("data.batch_size=0", "data.batch_size=0 is not allowed; use an integer >= 1"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 is not allowed; use an integer >= 1"),
         ("data.val_size=20000", "data.train_size + data.val_size = 70000 is more than MNIST's 60000"),
+        (
+            "data.augment=sideways",
+            "data.augment='sideways' is not allowed; use one of readme, notebook, none",
+        ),
     ],
 )
 def test_out_of_range_values_are_refused(compose_train, override, message):
@@ -214,8 +218,17 @@ def test_out_of_range_values_are_refused(compose_train, override, message):
     assert str(error.value).startswith(message)
 
 
+def test_a_bad_layer_line_stops_train_py_with_one_line(tmp_path):
+    result = run_script("train.py", "model.layers=[conv 1 8, attention]", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "error: model layer 'attention': unknown layer; write one of: conv IN OUT"
+    )
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_a_bad_value_stops_train_py_with_one_line_before_any_work(tmp_path):
     result = run_script("train.py", "model.dropout=1.5", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
-    assert result.stderr == "error: model.dropout=1.5 is out of range; use a value in [0, 1)\n"
+    assert result.stderr == "error: model.dropout=1.5 is not allowed; use a value in [0, 1)\n"
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.json").exists()

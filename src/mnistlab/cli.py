@@ -10,6 +10,7 @@ import sys
 import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf.errors import MissingMandatoryValue
 
@@ -45,6 +46,10 @@ def one_line_errors(task):
                 raise MnistlabError(
                     f"{e.full_key} is required: add {e.full_key}=VALUE to the command"
                 ) from None
+            except InstantiationException as e:  # Hydra wraps what a config's constructor raised
+                if isinstance(e.__cause__, MnistlabError):
+                    raise e.__cause__ from None
+                raise
         except MnistlabError as e:
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 log.error("job failed: %s", e)

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mnistlab import MnistlabError
+from mnistlab.augment import AUGMENTATIONS
 from mnistlab.data import write_atomic
 from mnistlab.models import count_params
 from mnistlab.module import Classifier, plain
@@ -60,6 +61,7 @@ CHECKS = {
     "data.train_size": (lambda v: isinstance(v, int) and 1 <= v <= 60_000, "an integer in [1, 60000]"),
     "data.val_size": (lambda v: isinstance(v, int) and 0 <= v < 60_000, "an integer in [0, 60000)"),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "data.augment": (lambda v: v in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
 }
 
 
@@ -74,7 +76,7 @@ def check_config(cfg: DictConfig) -> None:
         except TypeError:
             valid = False
         if not valid or isinstance(value, bool):
-            raise MnistlabError(f"{key}={value!r} is out of range; use {allowed}")
+            raise MnistlabError(f"{key}={value!r} is not allowed; use {allowed}")
     total = cfg.data.train_size + cfg.data.val_size
     if total > 60_000:
         raise MnistlabError(
@@ -137,7 +139,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     shown["trainer"] = {k: v for k, v in shown["trainer"].items() if v is not None}  # Lightning's defaults
     log.info("run directory: %s\n%s", run_dir, OmegaConf.to_yaml(shown))
     resume_path = resume_from(cfg, run_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the printed config shows it
     datamodule = instantiate(cfg.data)
     model = Classifier(cfg.model, cfg.optimizer, cfg.scheduler)
     log.info("model:\n%s", format_table(model.net))
