@@ -232,3 +232,13 @@ def test_a_bad_value_stops_train_py_with_one_line_before_any_work(tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: model.dropout=1.5 is not allowed; use a value in [0, 1)\n"
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_a_failing_job_does_not_stop_its_sweep(tiny_mnist, tmp_path):
+    result = run_script(
+        "train.py", "-m", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "optimizer=sgd",
+        "optimizer.lr=1e30,0.01", "scheduler=none", *TINY_LIMITS[:3], f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    statuses = [json.loads((tmp_path / job / "metrics.json").read_text())["status"] for job in ("0", "1")]
+    assert statuses == ["failed", "ok"]
