@@ -86,9 +86,9 @@ def test_two_process_ddp_on_cpu_writes_one_run_directory(tiny_mnist, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_on_two_processes_agrees_with_one_process_on_real_mnist(tmp_path):
-    """Same global batch (2 x 512 = 1024), same steps: the results agree within run-to-run noise."""
+    """Same global batch (2 x 64 = 128), same steps: the results agree within run-to-run noise."""
     common = [
-        "data.train_size=20000", "data.val_size=5000", "trainer.max_epochs=2", "optimizer.lr=0.01",
+        "data.train_size=20000", "data.val_size=5000", "trainer.max_epochs=1", "optimizer.lr=0.01",
         "scheduler=none", "trainer.enable_progress_bar=false", f"data.data_dir={ROOT / 'data'}",
     ]  # fmt: skip
 
@@ -98,10 +98,12 @@ def test_ddp_on_two_processes_agrees_with_one_process_on_real_mnist(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         return json.loads((tmp_path / name / "metrics.json").read_text())
 
-    one = run("one")
+    one = run("one", "data.batch_size=128")
     two = run(
-        "ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=512"
+        "ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=64"
     )
-    assert one["val/acc_best"] > 0.95 and two["val/acc_best"] > 0.95
-    assert abs(one["val/acc_best"] - two["val/acc_best"]) < 0.01
-    assert abs(one["test/acc"] - two["test/acc"]) < 0.01
+    # One epoch (156 steps) ends near 93-95%, where one run differs from the next by about a
+    # point; both must have learned, and agree to within that noise.
+    assert one["val/acc_best"] > 0.9 and two["val/acc_best"] > 0.9
+    assert abs(one["val/acc_best"] - two["val/acc_best"]) < 0.03
+    assert abs(one["test/acc"] - two["test/acc"]) < 0.03
