@@ -102,8 +102,8 @@ def test_ddp_on_two_processes_agrees_with_one_process_on_real_mnist(tmp_path):
     two = run(
         "ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=64"
     )
-    # One epoch (156 steps) ends near 93-95%, where one run differs from the next by about a
-    # point; both must have learned, and agree to within that noise.
+    # One epoch (156 steps) is far from converged (measured here: val 93.2% with one process,
+    # 94.1% with two), so the batch order moves the result; both must learn and agree within 3 points.
     assert one["val/acc_best"] > 0.9 and two["val/acc_best"] > 0.9
     assert abs(one["val/acc_best"] - two["val/acc_best"]) < 0.03
     assert abs(one["test/acc"] - two["test/acc"]) < 0.03
