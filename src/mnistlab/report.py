@@ -26,8 +26,18 @@ SEED_REPORTED = {
     "ex17": "ep14 val 99.38%, test 99.49%", "ex18": "ep19 val 99.30%, test 99.41%",
 }  # fmt: skip
 
-# Keys that name where a run wrote, not what it ran.
+# Keys that name where a run wrote or how it showed progress, not what it ran.
 NOT_CONFIG = {"seed", "logger", "callbacks"}
+NOT_RUN_TRAINER = ("trainer.default_root_dir=", "trainer.enable_progress_bar=")
+
+
+def _short(override: str) -> str:
+    """`optimizer.lr=0.027583475549166746` -> `optimizer.lr=0.02758`: sampled values, readable."""
+    key, _, value = override.partition("=")
+    try:
+        return f"{key}={float(value):.4g}" if "." in value or "e" in value else override
+    except ValueError:
+        return override
 
 
 @dataclass
@@ -43,16 +53,15 @@ class Run:
         kept = [
             o
             for o in self.overrides
-            if not o.lstrip("+~").startswith(
-                ("seed=", "hydra.", "data.data_dir=", "trainer.default_root_dir=")
-            )
+            if not o.lstrip("+~").startswith(("seed=", "hydra.", "data.data_dir=", *NOT_RUN_TRAINER))
         ]
-        return " ".join(kept) or "default"
+        return " ".join(map(_short, kept)) or "default"
 
     @property
     def key(self) -> str:
         config = {k: v for k, v in self.config.items() if k not in NOT_CONFIG}
-        config["trainer"] = {k: v for k, v in config.get("trainer", {}).items() if k != "default_root_dir"}
+        trainer = config.get("trainer", {}).items()
+        config["trainer"] = {k: v for k, v in trainer if f"trainer.{k}=" not in NOT_RUN_TRAINER}
         return json.dumps(config, sort_keys=True, default=str)
 
 
@@ -109,9 +118,9 @@ def _describe(config: dict) -> dict[str, str]:
     has_dropout = any(str(line).split()[0] == "dropout" for line in model.get("layers", []))
     return {
         "batch": str(data.get("batch_size", "")),
-        "optimizer": f"{optimizer.get('_target_', '?').rsplit('.', 1)[-1]} {optimizer.get('lr')}",
+        "optimizer": f"{optimizer.get('_target_', '?').rsplit('.', 1)[-1]} {optimizer.get('lr'):.4g}",
         "scheduler": sched_name,
-        "dropout": str(model.get("dropout")) if has_dropout else "–",
+        "dropout": f"{model.get('dropout'):.4g}" if has_dropout else "–",
         "augment": str(data.get("augment", "")),
         "split": f"{data.get('train_size', 0) / 1000:g}k/{data.get('val_size', 0) / 1000:g}k",
     }
@@ -171,13 +180,13 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     colors: dict[str, str] = {}
     for run in runs:
         curve = val_curve(run)
-        if not curve:
+        if len(curve) < 2:  # a one-epoch run is a point, not a curve
             continue
         label = run.label if run.label not in colors else None
         color = colors.setdefault(run.label, f"C{len(colors) % 10}")
         ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], color=color, label=label, alpha=0.8)
     ax.set(xlabel="epoch", ylabel="val/acc (%)", title="Validation accuracy per run")
-    ax.set_ylim(bottom=max(ax.get_ylim()[0], 97.0))
+    ax.set_ylim(max(ax.get_ylim()[0], 97.0), 100.0)
     ax.grid(alpha=0.3)
     if colors:
         ax.legend(fontsize=7, loc="lower right")
