@@ -20,7 +20,16 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mnistlab.data import MEAN, STD, TRAIN_IMAGES, TRAIN_LABELS, MNISTDataModule, read_idx
+from mnistlab.data import (
+    MEAN,
+    STD,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    MNISTDataModule,
+    read_idx,
+    standardize,
+    to_unit,
+)
 from mnistlab.module import Classifier
 
 ROOT_CONF = "conf"
@@ -39,7 +48,7 @@ def time_raw_loop(
     """Seconds per epoch of `batches` steps of a bare loop over pre-normalised float tensors."""
     net = instantiate(gap_cnn_config())
     optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
-    x = ((images[: batch_size * batches].float() / 255 - MEAN) / STD).unsqueeze(1)
+    x = standardize(to_unit(images[: batch_size * batches]))
     y = labels[: batch_size * batches].long()
     net.train()
 

@@ -225,7 +225,6 @@ class MNISTDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
-        ensure_files(self.data_dir, self.checksums)  # cheap when present; needed on each node
         images, labels = (
             read_idx(self.data_dir / TRAIN_IMAGES),
             read_idx(self.data_dir / TRAIN_LABELS),

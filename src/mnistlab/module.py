@@ -62,18 +62,19 @@ class Classifier(L.LightningModule):
         # sync_dist: under DDP, the epoch's loss is the mean over all processes (free on one device)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return loss, logits.argmax(dim=1)
+        return loss, logits
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train", self.train_acc)[0]
 
     def validation_step(self, batch, batch_idx):
-        _, preds = self._step(batch, "val", self.val_acc)
-        self.val_confusion.update(preds, batch[1])
+        _, logits = self._step(batch, "val", self.val_acc)
+        self.val_confusion.update(logits.argmax(dim=1), batch[1])
 
     def test_step(self, batch, batch_idx):
         images, labels = batch
-        _, preds = self._step(batch, "test", self.test_acc)
+        _, logits = self._step(batch, "test", self.test_acc)
+        preds = logits.argmax(dim=1)
         self.test_confusion.update(preds, labels)
         if sum(len(m[1]) for m in self.test_mistakes) < 64:
             wrong = preds != labels
