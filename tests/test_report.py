@@ -7,7 +7,7 @@ from pathlib import Path
 from mnistlab.report import Run, build_report
 
 
-def run(seed: int, test_acc: float, val_acc: float, lr: float = 0.05) -> Run:
+def run(seed: int, test_acc: float, val_acc: float, lr: float = 0.05, ema: bool = False) -> Run:
     config = {
         "seed": seed,
         "data": {"batch_size": 1024, "augment": "readme", "train_size": 50000, "val_size": 10000},
@@ -15,8 +15,10 @@ def run(seed: int, test_acc: float, val_acc: float, lr: float = 0.05) -> Run:
         "optimizer": {"_target_": "torch.optim.Adam", "lr": lr},
         "scheduler": {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 10, "gamma": 0.1},
         "trainer": {"max_epochs": 15, "default_root_dir": f"logs/runs/{seed}"},
-        "callbacks": {"model_checkpoint": {"dirpath": f"logs/runs/{seed}/checkpoints"}},
+        "callbacks": {"best_checkpoint": {"dirpath": f"logs/runs/{seed}/checkpoints"}},
     }
+    if ema:
+        config["callbacks"]["ema"] = {"_target_": "mnistlab.train.EMA", "decay": 0.98}
     metrics = {"status": "ok", "test/acc": test_acc, "val/acc_best": val_acc, "epochs": 15,
                "params": 19348, "train_seconds": 600}  # fmt: skip
     return Run(Path(f"logs/runs/{seed}"), config, [f"seed={seed}", "experiment=ex17"], metrics)
@@ -29,9 +31,10 @@ def test_seeds_of_one_configuration_are_one_row_with_mean_std_min_and_n():
         run(2, 0.9940, 0.9920),
         run(3, 0.9960, 0.9940),
         run(1, 0.99, 0.99, lr=0.01),
+        run(1, 0.99, 0.99, ema=True),  # averaging the weights is part of the recipe
     ]
     rows = [line for line in build_report(runs).splitlines() if line.startswith("| `")]
-    assert len(rows) == 2
+    assert len(rows) == 3
     cells = [c.strip() for c in rows[0].split("|")]
     assert "99.50 ± 0.10 (min 99.40)" in cells  # test/acc over the three seeds
     assert "99.30 ± 0.10 (min 99.20)" in cells

@@ -6,10 +6,13 @@ import json
 
 import pytest
 import torch
+from lightning import Trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import run_script
 from mnistlab import MnistlabError
+from mnistlab.data import MNISTDataModule
+from mnistlab.module import Classifier, load_classifier
 from mnistlab.train import check_config, train
 
 TINY_LIMITS = [
@@ -242,3 +245,43 @@ def test_a_failing_job_does_not_stop_its_sweep(tiny_mnist, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     statuses = [json.loads((tmp_path / job / "metrics.json").read_text())["status"] for job in ("0", "1")]
     assert statuses == ["failed", "ok"]
+
+
+def test_weight_ema_is_what_validation_checkpoints_and_the_test_see(compose_train, tmp_path, tiny_mnist):
+    """With `callbacks.ema`, the best checkpoint holds the averaged weights, and train.py's test
+    scores those (Lightning's own callback would load the raw weights back for the test)."""
+    cfg = compose_train(
+        *TINY_LIMITS, "+callbacks.ema._target_=mnistlab.train.EMA", "+callbacks.ema.decay=0.5"
+    )
+    metrics = train(cfg)
+    checkpoint = torch.load(tmp_path / metrics["checkpoint"], weights_only=True)
+    averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(averaged[k], raw[k]) for k in raw if k.endswith("weight"))
+
+    datamodule = MNISTDataModule(
+        data_dir=tiny_mnist.data_dir,
+        train_size=1000,
+        val_size=200,
+        batch_size=100,
+        checksums=tiny_mnist.checksums,
+    )
+    trainer = Trainer(logger=False, enable_progress_bar=False, limit_test_batches=2)
+    (again,) = trainer.test(load_classifier(tmp_path / metrics["checkpoint"]), datamodule=datamodule)
+    assert again["test/loss"] == pytest.approx(metrics["test/loss"])
+
+
+def test_label_smoothing_shapes_the_training_loss_only(compose_train):
+    batch = (torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))
+    losses = {}
+    for smoothing in (0.0, 0.3):
+        cfg = compose_train(f"label_smoothing={smoothing}")
+        torch.manual_seed(0)
+        module = Classifier(cfg.model, cfg.optimizer, label_smoothing=cfg.label_smoothing)
+        module.log = lambda *a, **k: None
+        module.eval()
+        losses[smoothing] = (
+            module._step(batch, "train", module.train_acc)[0].item(),
+            module._step(batch, "val", module.val_acc)[0].item(),
+        )
+    assert losses[0.0][0] != pytest.approx(losses[0.3][0])
+    assert losses[0.0][1] == pytest.approx(losses[0.3][1])

@@ -29,7 +29,14 @@ def plain(cfg: Any) -> Any:
 
 
 class Classifier(L.LightningModule):
-    def __init__(self, model: dict, optimizer: dict, scheduler: dict | None = None, num_classes: int = 10):
+    def __init__(
+        self,
+        model: dict,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        num_classes: int = 10,
+        label_smoothing: float = 0.0,
+    ):
         super().__init__()
         self.save_hyperparameters(
             {
@@ -37,6 +44,7 @@ class Classifier(L.LightningModule):
                 "optimizer": plain(optimizer),
                 "scheduler": plain(scheduler) or None,
                 "num_classes": num_classes,
+                "label_smoothing": label_smoothing,
             }
         )
         self.net = instantiate(self.hparams.model)
@@ -57,7 +65,9 @@ class Classifier(L.LightningModule):
     def _step(self, batch, stage: str, accuracy: MulticlassAccuracy):
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        # Smoothing shapes the training target only: val/test loss stay comparable across recipes.
+        smoothing = self.hparams.get("label_smoothing", 0.0) if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         accuracy(logits, labels)
         # sync_dist: under DDP, the epoch's loss is the mean over all processes (free on one device)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)

@@ -26,9 +26,12 @@ SEED_REPORTED = {
     "ex17": "ep14 val 99.38%, test 99.49%", "ex18": "ep19 val 99.30%, test 99.41%",
 }  # fmt: skip
 
-# Keys that name where a run wrote or how it showed progress, not what it ran.
-NOT_CONFIG = {"seed", "logger", "callbacks"}
+# Keys that name where a run wrote, how it showed progress or how fast it ran, not what it ran.
+NOT_CONFIG = {"seed", "logger"}
+# conf/callbacks/default.yaml: they record a run; a callback added to these (EMA) is recipe.
+RECORDING_CALLBACKS = {"best_checkpoint", "last_checkpoint", "lr_monitor", "epoch_summary", "pictures"}
 NOT_RUN_TRAINER = ("trainer.default_root_dir=", "trainer.enable_progress_bar=")
+NOT_RECIPE = ("seed=", "hydra.", "data.data_dir=", "model.compile=", *NOT_RUN_TRAINER)
 
 
 def _short(override: str) -> str:
@@ -50,11 +53,7 @@ class Run:
     @property
     def label(self) -> str:
         """The overrides that make this configuration, without seed and paths."""
-        kept = [
-            o
-            for o in self.overrides
-            if not o.lstrip("+~").startswith(("seed=", "hydra.", "data.data_dir=", *NOT_RUN_TRAINER))
-        ]
+        kept = [o for o in self.overrides if not o.lstrip("+~").startswith(NOT_RECIPE)]
         return " ".join(map(_short, kept)) or "default"
 
     @property
@@ -62,6 +61,10 @@ class Run:
         config = {k: v for k, v in self.config.items() if k not in NOT_CONFIG}
         trainer = config.get("trainer", {}).items()
         config["trainer"] = {k: v for k, v in trainer if f"trainer.{k}=" not in NOT_RUN_TRAINER}
+        config["model"] = {k: v for k, v in config.get("model", {}).items() if k != "compile"}
+        callbacks = (config.get("callbacks") or {}).items()
+        config["callbacks"] = {k: v for k, v in callbacks if k not in RECORDING_CALLBACKS}
+        config.setdefault("label_smoothing", 0.0)  # runs from before the key existed had none
         return json.dumps(config, sort_keys=True, default=str)
 
 

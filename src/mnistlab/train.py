@@ -12,7 +12,9 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf
 
 from mnistlab import MnistlabError
@@ -42,6 +44,17 @@ class EpochSummary(L.Callback):
             "epoch %d/%d  %s  lr %.3g  (%.0f s)", trainer.current_epoch + 1, trainer.max_epochs,
             "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), lr, time.perf_counter() - self.start,
         )  # fmt: skip
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights: validation, checkpoints and the
+    test see the averaged weights. Lightning's callback, kept alive after `fit`, would load a
+    checkpoint's raw (not averaged) weights back into the model for `trainer.test`; this one
+    restores its state only when fitting, so the test scores the averaged weights it chose."""
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> L.Trainer:
@@ -91,6 +104,7 @@ def flat_hparams(cfg: DictConfig) -> dict:
         "model": cfg.model,
         "optimizer": cfg.optimizer,
         "scheduler": cfg.scheduler or {"_target_": "none"},
+        "label_smoothing": cfg.label_smoothing,
         "data": {k: v for k, v in cfg.data.items() if k not in ("data_dir", "checksums", "_target_")},
         "trainer": {"max_epochs": cfg.trainer.max_epochs, "precision": cfg.trainer.precision},
     }
@@ -141,7 +155,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     resume_path = resume_from(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the printed config shows it
     datamodule = instantiate(cfg.data)
-    model = Classifier(cfg.model, cfg.optimizer, cfg.scheduler)
+    model = Classifier(cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing)
     log.info("model:\n%s", format_table(model.net))
     trainer = build_trainer(cfg, callbacks)
 
