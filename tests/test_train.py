@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
 from lightning import Trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_script
+from conftest import ROOT, run_script
 from mnistlab import MnistlabError
 from mnistlab.data import MNISTDataModule
 from mnistlab.module import Classifier, load_classifier
@@ -77,6 +78,9 @@ def test_train_script_writes_metrics_json_with_the_promised_fields(finished_run)
         assert metrics[key] is not None, key
     assert metrics["epochs"] == 2 and metrics["params"] == 19_348 and metrics["seed"] == 1
     assert (finished_run / ".hydra" / "config.yaml").is_file()
+    # the code it ran: this checkout's commit (+dirty while files differ from it)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert metrics["commit"].split("+")[0] == head.strip()
 
 
 def test_train_log_keeps_the_model_table_and_one_line_per_epoch(finished_run):

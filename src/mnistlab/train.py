@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -124,6 +126,18 @@ def flat_hparams(cfg: DictConfig) -> dict:
     return flat
 
 
+def source_commit() -> str | None:
+    """The git commit the code ran from, `+dirty` when files differed from it; None outside git."""
+    root = Path(__file__).resolve().parent
+    try:
+        run = partial(subprocess.run, cwd=root, capture_output=True, text=True, check=True, timeout=10)
+        commit = run(["git", "rev-parse", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
     """The checkpoint `ckpt_path` names (`last`: this run directory's last.ckpt), checked to hold
     the same network, optimizer and scheduler as the config, or None to start afresh."""
@@ -159,7 +173,12 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     log.info("model:\n%s", format_table(model.net))
     trainer = build_trainer(cfg, callbacks)
 
-    metrics: dict = {"status": "running", "seed": cfg.seed, "params": count_params(model.net)}
+    metrics: dict = {
+        "status": "running",
+        "seed": cfg.seed,
+        "params": count_params(model.net),
+        "commit": source_commit(),
+    }
 
     def save_metrics():
         if trainer.is_global_zero:  # under DDP every process gets here; one writes
