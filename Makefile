@@ -7,7 +7,7 @@ ARGS   ?=
 
 LOGS   ?= logs
 
-.PHONY: install train test test-all sweep report bench lint tensorboard clean
+.PHONY: install train test test-all sweep report release bench lint tensorboard clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ sweep: install
 ## logs/report.md and logs/report.png from every run under $(LOGS).
 report: install
 	$(PY) -m mnistlab.report $(LOGS)
+
+## weights/gap_cnn.{pt,onnx,json} from the median-validation seed of a seed sweep:
+## make release RUNS=logs/multiruns/<date>_<time>_<pid>
+release: install
+	$(PY) -m mnistlab.release $(RUNS)
 
 ## Per-epoch cost of our training path against a bare PyTorch loop (a few minutes; ARGS="--compile").
 bench: install

@@ -137,3 +137,43 @@ def test_weights_of_another_architecture_name_both(tmp_path):
     torch.save(other.state_dict(), tmp_path / "other.pt")
     with pytest.raises(MnistlabError, match=r"other.pt is not a state_dict of the network in .*gap_cnn.yaml"):
         load_network(None, tmp_path / "other.pt", ROOT / "conf" / "model" / "gap_cnn.yaml")
+
+
+def test_release_takes_the_median_validation_seed_and_writes_pt_onnx_json(tiny_mnist, tmp_path):
+    sweep, weights = tmp_path / "sweep", tmp_path / "weights"
+    result = run_script(
+        "train.py", "-m", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "seed=1,2,3",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=1", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("-m", "mnistlab.release", str(sweep), "--out", str(weights))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    runs = [json.loads((sweep / str(job) / "metrics.json").read_text()) for job in range(3)]
+    median = sorted(runs, key=lambda m: (m["val/acc_best"], m["seed"]))[1]
+    info = json.loads((weights / "gap_cnn.json").read_text())
+    assert info["seed"] == median["seed"] and info["metrics"]["test/acc"] == median["test/acc"]
+    assert info["command"].startswith("python train.py") and f"seed={median['seed']}" in info["command"]
+    assert info["all_seeds"]["n"] == 3 and "median" in info["why_this_seed"]
+
+    # the .pt is the chosen run's network, in the architecture predict.py builds by default
+    job = next(j for j in range(3) if runs[j]["seed"] == median["seed"])
+    expected = load_classifier(sweep / str(job) / median["checkpoint"]).net
+    net = load_network(None, weights / "gap_cnn.pt", ROOT / "conf" / "model" / "gap_cnn.yaml")
+    images = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(net(images), expected.eval()(images))
+    assert np.allclose(onnx_logits(weights / "gap_cnn.onnx", images), net(images).detach().numpy(), atol=1e-4)
+
+
+def test_release_refuses_runs_of_more_than_one_recipe(tiny_mnist, tmp_path):
+    result = run_script(
+        "train.py", "-m", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "model.dropout=0.1,0.2",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("-m", "mnistlab.release", str(tmp_path / "sweep"), "--out", str(tmp_path / "w"))
+    assert result.returncode == 1 and "more than one configuration" in result.stderr
+    assert not (tmp_path / "w").exists()

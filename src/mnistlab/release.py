@@ -1,0 +1,111 @@
+"""`make release RUNS=logs/multiruns/<sweep>`: the released weights, from one seed of a recipe.
+
+The runs under RUNS must be one configuration over several seeds (`train.py -m seed=1,2,3,4,5
+experiment=best`). The released seed is the one whose best `val/acc` is the median of them:
+representative of the recipe, and chosen without looking at the test set. Writes
+`weights/<name>.pt` (the network's state_dict), `weights/<name>.onnx` (checked in onnxruntime
+against PyTorch) and `weights/<name>.json` (command, commit, seed, why, and the metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from mnistlab import MnistlabError
+from mnistlab.data import MEAN, STD, standardize, to_unit, write_atomic
+from mnistlab.export import export_onnx
+from mnistlab.module import load_classifier
+from mnistlab.report import Run, find_runs
+
+
+def median_seed(runs: list[Run]) -> Run:
+    """The run with the median best `val/acc` (the lower of the two middle ones for an even count);
+    a tie goes to the smaller seed."""
+    ranked = sorted(runs, key=lambda r: (r.metrics["val/acc_best"], r.metrics["seed"]))
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def seeds_of_one_recipe(runs_dir: Path) -> list[Run]:
+    runs = [r for r in find_runs(runs_dir) if r.metrics.get("status") == "ok"]
+    if not runs:
+        raise MnistlabError(f"no finished runs under {runs_dir}; pass RUNS=<the multirun of the seeds>")
+    if len({r.key for r in runs}) > 1:
+        raise MnistlabError(
+            f"the runs under {runs_dir} are more than one configuration; pass RUNS=<one recipe's seeds>"
+        )
+    if any(r.metrics.get("val/acc_best") is None for r in runs):
+        raise MnistlabError(f"the runs under {runs_dir} have no validation set to choose a seed by")
+    by_seed = {r.metrics["seed"]: r for r in runs}  # a repeated seed: its latest run
+    return list(by_seed.values())
+
+
+def release(runs_dir: Path, out_dir: Path, name: str) -> dict:
+    runs = seeds_of_one_recipe(runs_dir)
+    chosen = median_seed(runs)
+    net = load_classifier(chosen.path / chosen.metrics["checkpoint"]).net.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    write_atomic(out_dir / f"{name}.pt", buffer.getvalue())
+
+    data_cfg = OmegaConf.create(chosen.config["data"])
+    datamodule = instantiate(data_cfg)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    images = standardize(to_unit(datamodule.test_set.images[:256]))
+    worst = export_onnx(net, out_dir / f"{name}.onnx", check_images=images)
+
+    tests = [r.metrics["test/acc"] for r in runs]
+    overrides = [o for o in chosen.overrides if not o.startswith("hydra.")]
+    info = {
+        "command": "python train.py " + " ".join(overrides),
+        "commit": chosen.metrics.get("commit"),
+        "seed": chosen.metrics["seed"],
+        "why_this_seed": (
+            f"median best val/acc of the {len(runs)} seeds {sorted(r.metrics['seed'] for r in runs)}: "
+            "representative of the recipe, chosen without the test set (not the best test run)"
+        ),
+        "run_dir": str(chosen.path),
+        "metrics": {k: chosen.metrics.get(k) for k in ("test/acc", "test/loss", "val/acc_best", "epochs")},
+        "all_seeds": {
+            "n": len(runs),
+            "test/acc mean": statistics.mean(tests),
+            "test/acc std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "test/acc min": min(tests),
+            "test/acc by seed": {r.metrics["seed"]: r.metrics["test/acc"] for r in runs},
+        },
+        "params": chosen.metrics.get("params"),
+        "model": chosen.config["model"]["layers"],
+        "input": f"[N, 1, 28, 28] float, (pixel / 255 - {MEAN}) / {STD}",
+        "output": "[N, 10] logits",
+        "onnx_max_abs_diff": worst,
+    }
+    write_atomic(out_dir / f"{name}.json", (json.dumps(info, indent=2) + "\n").encode())
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, help="the multirun directory of one recipe's seeds")
+    parser.add_argument("--out", type=Path, default=Path("weights"))
+    parser.add_argument("--name", default="gap_cnn")
+    args = parser.parse_args(argv)
+    try:
+        info = release(args.runs, args.out, args.name)
+    except MnistlabError as e:
+        sys.exit(f"error: {e}")
+    written = f"{args.out}/{args.name}.{{pt,onnx,json}}"
+    print(f"released seed {info['seed']} ({info['why_this_seed']}) -> {written}")
+
+
+if __name__ == "__main__":
+    main()
