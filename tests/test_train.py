@@ -289,3 +289,14 @@ def test_label_smoothing_shapes_the_training_loss_only(compose_train):
         )
     assert losses[0.0][0] != pytest.approx(losses[0.3][0])
     assert losses[0.0][1] == pytest.approx(losses[0.3][1])
+
+
+def test_a_compiled_network_trains_and_saves_plain_weights(compose_train, tmp_path):
+    """`model.compile=true` compiles the network in place: checkpoints keep the plain layer names,
+    so they load into an uncompiled network (predict.py, export.py, released weights)."""
+    metrics = train(compose_train("model.compile=true", *TINY_LIMITS))
+    assert metrics["status"] == "ok"
+    state = torch.load(tmp_path / metrics["checkpoint"], weights_only=True)["state_dict"]
+    assert "net.0.weight" in state and not any("_orig_mod" in k for k in state)
+    plain_module = load_classifier(tmp_path / metrics["checkpoint"])
+    assert plain_module.net[0].weight.shape == (14, 1, 3, 3)
