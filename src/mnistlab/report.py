@@ -151,7 +151,8 @@ def build_report(runs: list[Run]) -> str:
     ]
     for by_seed in groups.values():
         group = list(by_seed.values())
-        first = group[0]
+        # named by a run started as an experiment preset, where one is among its seeds
+        first = next((r for r in group if "experiment=" in r.label), group[0])
         d = _describe(first.config)
         experiment = next((o.split("=", 1)[1] for o in first.overrides if o.startswith("experiment=")), None)
         minutes = [r.metrics.get("train_seconds", 0) / 60 for r in group]

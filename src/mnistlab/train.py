@@ -7,7 +7,7 @@ import logging
 import subprocess
 import sys
 import time
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import lightning as L
@@ -126,6 +126,7 @@ def flat_hparams(cfg: DictConfig) -> dict:
     return flat
 
 
+@cache  # the code a process runs is what it imported: later jobs of a sweep keep the first answer
 def source_commit() -> str | None:
     """The git commit the code ran from, `+dirty` when files differed from it; None outside git."""
     root = Path(__file__).resolve().parent
