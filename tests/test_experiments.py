@@ -55,3 +55,22 @@ def test_multi_gpu_and_slurm_configs_compose():
         )
     assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.sync_batchnorm) == ("ddp", "gpu", True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+
+
+# preset: (params at most, epochs at most, what else it must keep)
+PRESETS = {"best": (19_348, 15), "fast": (19_348, 5), "tiny": (8_000, 15)}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_recipe_presets_keep_their_promises(preset):
+    """best and fast train the seed's network unchanged; tiny stays under 8,000 parameters; all
+    keep the 50k/10k split, so they are chosen on validation, never on the test set."""
+    max_params, max_epochs = PRESETS[preset]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={preset}"])
+        gap_cnn = compose("train").model
+    net = instantiate(cfg.model)
+    assert count_params(net) <= max_params and cfg.trainer.max_epochs <= max_epochs
+    if preset != "tiny":
+        assert cfg.model.layers == gap_cnn.layers
+    assert (cfg.data.train_size, cfg.data.val_size) == (50_000, 10_000)
