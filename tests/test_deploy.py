@@ -177,3 +177,17 @@ def test_release_refuses_runs_of_more_than_one_recipe(tiny_mnist, tmp_path):
     result = run_script("-m", "mnistlab.release", str(tmp_path / "sweep"), "--out", str(tmp_path / "w"))
     assert result.returncode == 1 and "more than one configuration" in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_the_released_weights_classify_real_test_digits_in_pytorch_and_onnx(real_test_digits):
+    """weights/gap_cnn.{pt,onnx} as committed: the predict.py default, and its ONNX twin."""
+    net = load_network(None, ROOT / "weights" / "gap_cnn.pt", ROOT / "conf" / "model" / "gap_cnn.yaml")
+    images = standardize(to_unit(read_idx(ROOT / "data" / TEST_IMAGES)[:1000]))
+    labels = read_idx(ROOT / "data" / TEST_LABELS)[:1000].long()
+    with torch.no_grad():
+        logits = net(images)
+    assert (logits.argmax(1) == labels).float().mean() >= 0.99
+    onnx = onnx_logits(ROOT / "weights" / "gap_cnn.onnx", images)
+    assert np.abs(onnx - logits.numpy()).max() < 1e-4
+    info = json.loads((ROOT / "weights" / "gap_cnn.json").read_text())
+    assert info["params"] == 19_348 and info["command"].startswith("python train.py experiment=best")
