@@ -27,10 +27,15 @@ SEED_REPORTED = {
 }  # fmt: skip
 
 # Keys that name where a run wrote, how it showed progress or how fast it ran, not what it ran.
-NOT_CONFIG = {"seed", "logger"}
+NOT_CONFIG = {"seed", "logger", "ckpt_path"}
 # conf/callbacks/default.yaml: they record a run; a callback added to these (EMA) is recipe.
-RECORDING_CALLBACKS = {"best_checkpoint", "last_checkpoint", "lr_monitor", "epoch_summary", "pictures"}
-NOT_RUN_TRAINER = ("trainer.default_root_dir=", "trainer.enable_progress_bar=")
+RECORDING_CALLBACKS = {
+    "best_checkpoint", "last_checkpoint", "lr_monitor", "epoch_summary", "pictures", "model_checkpoint",
+}  # fmt: skip
+NOT_RUN_TRAINER = (
+    "trainer.default_root_dir=", "trainer.enable_progress_bar=", "trainer.enable_model_summary=",
+    "trainer.enable_autolog_hparams=",
+)  # fmt: skip
 NOT_RECIPE = ("seed=", "hydra.", "data.data_dir=", "model.compile=", *NOT_RUN_TRAINER)
 
 
@@ -151,8 +156,8 @@ def build_report(runs: list[Run]) -> str:
     ]
     for by_seed in groups.values():
         group = list(by_seed.values())
-        # named by a run started as an experiment preset, where one is among its seeds
-        first = next((r for r in group if "experiment=" in r.label), group[0])
+        # named by the run started with the fewest overrides: a preset's own command where there is one
+        first = min(group, key=lambda r: ("experiment=" not in r.label, len(r.label)))
         d = _describe(first.config)
         experiment = next((o.split("=", 1)[1] for o in first.overrides if o.startswith("experiment=")), None)
         minutes = [r.metrics.get("train_seconds", 0) / 60 for r in group]
