@@ -213,6 +213,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         if isinstance(logger, TensorBoardLogger):
             final = {"hp/test_acc": metrics["test/acc"], "hp/val_acc_best": metrics["val/acc_best"] or 0.0}
             logger.log_hyperparams(flat_hparams(cfg), final)
+            # written after the Trainer closed its loggers: flush and close again, or the next
+            # job of a sweep (same process) or the process's exit can beat the writer thread
+            logger.finalize("success")
     if trainer.is_global_zero:
         log.info("test/acc %.4f  test/loss %.4f  (%s)", metrics["test/acc"], metrics["test/loss"], ckpt_path)
     return metrics
