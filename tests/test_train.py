@@ -14,7 +14,7 @@ from conftest import ROOT, run_script
 from mnistlab import MnistlabError
 from mnistlab.data import MNISTDataModule
 from mnistlab.module import Classifier, load_classifier
-from mnistlab.train import check_config, train
+from mnistlab.train import check_config, resume_from, train
 
 TINY_LIMITS = [
     "trainer.max_epochs=2",
@@ -300,3 +300,13 @@ def test_a_compiled_network_trains_and_saves_plain_weights(compose_train, tmp_pa
     assert "net.0.weight" in state and not any("_orig_mod" in k for k in state)
     plain_module = load_classifier(tmp_path / metrics["checkpoint"])
     assert plain_module.net[0].weight.shape == (14, 1, 3, 3)
+
+
+def test_resuming_with_another_label_smoothing_is_refused(compose_train, tmp_path):
+    cfg = compose_train(*TINY_LIMITS)
+    train(cfg)
+    same = compose_train(*TINY_LIMITS, "ckpt_path=last")
+    assert resume_from(same, tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    other = compose_train(*TINY_LIMITS, "ckpt_path=last", "label_smoothing=0.1")
+    with pytest.raises(MnistlabError, match="different label_smoothing"):
+        resume_from(other, tmp_path)

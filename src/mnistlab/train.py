@@ -141,7 +141,7 @@ def source_commit() -> str | None:
 
 def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
     """The checkpoint `ckpt_path` names (`last`: this run directory's last.ckpt), checked to hold
-    the same network, optimizer and scheduler as the config, or None to start afresh."""
+    the same network, optimizer, scheduler and loss as the config, or None to start afresh."""
     if not cfg.get("ckpt_path"):
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
@@ -150,8 +150,14 @@ def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
             f"no checkpoint to resume at {path}; pass hydra.run.dir=<the run's directory> with ckpt_path=last"
         )
     saved = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
-    for key in ("model", "optimizer", "scheduler"):
-        if saved.get(key) != (plain(cfg[key]) or None):
+    expected = {
+        "model": plain(cfg.model),
+        "optimizer": plain(cfg.optimizer),
+        "scheduler": plain(cfg.scheduler) or None,
+        "label_smoothing": cfg.label_smoothing,
+    }
+    for key, value in expected.items():
+        if saved.get(key, 0.0 if key == "label_smoothing" else None) != value:
             raise MnistlabError(
                 f"{path} was trained with a different {key} ({saved.get(key)}); "
                 "resume with the same overrides as the run it continues"
