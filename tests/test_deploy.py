@@ -139,14 +139,19 @@ def test_weights_of_another_architecture_name_both(tmp_path):
         load_network(None, tmp_path / "other.pt", ROOT / "conf" / "model" / "gap_cnn.yaml")
 
 
-def test_release_takes_the_median_validation_seed_and_writes_pt_onnx_json(tiny_mnist, tmp_path):
-    sweep, weights = tmp_path / "sweep", tmp_path / "weights"
+def tiny_sweep(tiny_mnist, sweep_dir, axis: str) -> None:
+    """A one-epoch multirun over `axis` on the tiny data, a few batches per job."""
     result = run_script(
-        "train.py", "-m", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "seed=1,2,3",
+        "train.py", "-m", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", axis,
         "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=1", f"hydra.sweep.dir={sweep}",
+        "trainer.limit_test_batches=1", f"hydra.sweep.dir={sweep_dir}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_release_takes_the_median_validation_seed_and_writes_pt_onnx_json(tiny_mnist, tmp_path):
+    sweep, weights = tmp_path / "sweep", tmp_path / "weights"
+    tiny_sweep(tiny_mnist, sweep, "seed=1,2,3")
     result = run_script("-m", "mnistlab.release", str(sweep), "--out", str(weights))
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -168,12 +173,7 @@ def test_release_takes_the_median_validation_seed_and_writes_pt_onnx_json(tiny_m
 
 
 def test_release_refuses_runs_of_more_than_one_recipe(tiny_mnist, tmp_path):
-    result = run_script(
-        "train.py", "-m", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "model.dropout=0.1,0.2",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    tiny_sweep(tiny_mnist, tmp_path / "sweep", "model.dropout=0.1,0.2")
     result = run_script("-m", "mnistlab.release", str(tmp_path / "sweep"), "--out", str(tmp_path / "w"))
     assert result.returncode == 1 and "more than one configuration" in result.stderr
     assert not (tmp_path / "w").exists()
