@@ -67,13 +67,18 @@ def check_against_torch(net: nn.Module, path: str | Path, images: torch.Tensor, 
     return worst
 
 
+def first_test_images(data_cfg, count: int) -> torch.Tensor:
+    """The first `count` official test images, normalised as the network takes them."""
+    datamodule = instantiate(data_cfg)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    return standardize(to_unit(datamodule.test_set.images[:count]))
+
+
 def run(cfg) -> float:
     """Export the checkpoint, checked on the first `check_images` official test images."""
     net = load_classifier(cfg.ckpt_path).net
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    images = standardize(to_unit(datamodule.test_set.images[: cfg.check_images]))
+    images = first_test_images(cfg.data, cfg.check_images)
     worst = export_onnx(net, cfg.output, check_images=images)
     print(f"{cfg.output}: ONNX logits match PyTorch within {worst:.1e} on {len(images)} test images")
     return worst

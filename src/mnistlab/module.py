@@ -66,7 +66,7 @@ class Classifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         # Smoothing shapes the training target only: val/test loss stay comparable across recipes.
-        smoothing = self.hparams.get("label_smoothing", 0.0) if stage == "train" else 0.0
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         accuracy(logits, labels)
         # sync_dist: under DDP, the epoch's loss is the mean over all processes (free on one device)

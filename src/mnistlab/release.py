@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mnistlab import MnistlabError
-from mnistlab.data import MEAN, STD, standardize, to_unit, write_atomic
-from mnistlab.export import export_onnx
+from mnistlab.data import MEAN, STD, write_atomic
+from mnistlab.export import export_onnx, first_test_images
 from mnistlab.module import load_classifier
 from mnistlab.report import Run, find_runs
 
@@ -57,11 +56,7 @@ def release(runs_dir: Path, out_dir: Path, name: str) -> dict:
     torch.save(net.state_dict(), buffer)
     write_atomic(out_dir / f"{name}.pt", buffer.getvalue())
 
-    data_cfg = OmegaConf.create(chosen.config["data"])
-    datamodule = instantiate(data_cfg)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    images = standardize(to_unit(datamodule.test_set.images[:256]))
+    images = first_test_images(OmegaConf.create(chosen.config["data"]), 256)
     worst = export_onnx(net, out_dir / f"{name}.onnx", check_images=images)
 
     tests = [r.metrics["test/acc"] for r in runs]

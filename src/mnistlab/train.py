@@ -149,7 +149,8 @@ def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
         raise MnistlabError(
             f"no checkpoint to resume at {path}; pass hydra.run.dir=<the run's directory> with ckpt_path=last"
         )
-    saved = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
+    hparams = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
+    saved = {"label_smoothing": 0.0, **hparams}  # checkpoints from before the key: trained without it
     expected = {
         "model": plain(cfg.model),
         "optimizer": plain(cfg.optimizer),
@@ -157,7 +158,7 @@ def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
         "label_smoothing": cfg.label_smoothing,
     }
     for key, value in expected.items():
-        if saved.get(key, 0.0 if key == "label_smoothing" else None) != value:
+        if saved.get(key) != value:
             raise MnistlabError(
                 f"{path} was trained with a different {key} ({saved.get(key)}); "
                 "resume with the same overrides as the run it continues"
