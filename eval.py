@@ -2,7 +2,7 @@
 
 import hydra
 
-from mnistlab.cli import one_line_errors
+from mnistlab.cli import launch, one_line_errors
 from mnistlab.evaluate import evaluate
 
 
@@ -13,4 +13,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

@@ -2,15 +2,15 @@
 
 import hydra
 
-from mnistlab.cli import one_line_errors
-from mnistlab.predict import run
+from mnistlab.cli import launch, one_line_errors
+from mnistlab.predict import predict
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 @one_line_errors
 def main(cfg):
-    run(cfg)
+    predict(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

@@ -2,15 +2,16 @@
 
 import hydra
 
-from mnistlab.cli import one_line_errors
+from mnistlab.cli import launch, one_line_errors
 from mnistlab.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @one_line_errors
 def main(cfg):
-    train(cfg)
+    """Returns the run's val/acc_best: what a Hydra sweeper plugin (Optuna, Nevergrad, Ax) optimises."""
+    return train(cfg)["val/acc_best"]
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

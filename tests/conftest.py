@@ -14,12 +14,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-import mnistlab.cli  # noqa: F401  (registers trainer=lightning)
+from mnistlab.cli import register
 from mnistlab.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, md5
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TINY_TRAIN, TINY_TEST = 1200, 200
+register()  # what the entry scripts do before Hydra composes
 
 
 def idx_bytes(array: torch.Tensor) -> bytes:
@@ -87,6 +88,7 @@ def compose_train(tiny_mnist, tmp_path):
             "data.train_size=1000",
             "data.val_size=200",
             "data.batch_size=100",
+            "compile=false",
         ]
         GlobalHydra.instance().clear()
         with initialize_config_dir(str(CONF), version_base="1.3"):

@@ -1,4 +1,4 @@
-"""A callback that kills its own process, to test resuming after a hard crash (SIGKILL)."""
+"""Callbacks that signal their own process at a known point, to test what survives a kill."""
 
 import os
 import signal
@@ -6,12 +6,16 @@ import signal
 import lightning as L
 
 
-class SigkillAtEpochStart(L.Callback):
-    """Kills the process as epoch `epoch` starts, after the previous epoch's checkpoints exist."""
+class SignalAtEpochStart(L.Callback):
+    """Sends `signal` (SIGKILL, SIGTERM, SIGINT) to this process as epoch `epoch` starts, after the
+    previous epoch's checkpoints exist."""
 
-    def __init__(self, epoch: int):
-        self.epoch = epoch
+    def __init__(self, epoch: int, signal: str = "SIGKILL"):
+        self.epoch, self.signal = epoch, getattr(signal_module, signal)
 
-    def on_train_epoch_start(self, trainer, module):
-        if trainer.current_epoch == self.epoch:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == 1:
+            os.kill(os.getpid(), self.signal)
+
+
+signal_module = signal

@@ -22,7 +22,7 @@ def centroid(images: torch.Tensor) -> torch.Tensor:
 def test_each_image_in_a_batch_gets_its_own_transform():
     batch = torch.zeros(16, 1, 28, 28)
     batch[:, :, 10:18, 6:22] = 1.0
-    out = augment(batch, "readme", generator=gen())
+    out = augment(batch, "rotate_shift", generator=gen())
     flat = out.flatten(1)
     assert all(not torch.allclose(flat[0], flat[i]) for i in range(1, 16))
 
@@ -54,7 +54,7 @@ def test_rotation_angles_stay_within_bounds_and_reach_them():
     assert angle.max() > 8
 
 
-def test_notebook_zoom_enlarges_about_one_image_in_ten():
+def test_rotate_zoom_enlarges_about_one_image_in_ten():
     blob = torch.zeros(2000, 1, 28, 28)
     blob[:, :, 10:18, 10:18] = 1.0
     out = random_affine(blob, degrees=0, translate=0.0, zoom_prob=0.1, zoom=22 / 28, generator=gen())
@@ -64,8 +64,8 @@ def test_notebook_zoom_enlarges_about_one_image_in_ten():
 
 def test_same_generator_seed_gives_the_same_batch():
     batch = torch.rand(8, 1, 28, 28)
-    assert torch.equal(augment(batch, "notebook", gen(3)), augment(batch, "notebook", gen(3)))
-    assert not torch.equal(augment(batch, "notebook", gen(3)), augment(batch, "notebook", gen(4)))
+    assert torch.equal(augment(batch, "rotate_zoom", gen(3)), augment(batch, "rotate_zoom", gen(3)))
+    assert not torch.equal(augment(batch, "rotate_zoom", gen(3)), augment(batch, "rotate_zoom", gen(4)))
 
 
 def test_none_leaves_images_untouched():

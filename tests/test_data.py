@@ -131,7 +131,7 @@ def test_split_larger_than_the_training_set_is_refused(tiny_mnist):
 
 
 def test_unknown_augmentation_lists_the_known_ones(tiny_mnist):
-    with pytest.raises(MnistlabError, match="readme, notebook, none"):
+    with pytest.raises(MnistlabError, match="rotate_shift, rotate_zoom, none"):
         MNISTDataModule(augment="sideways")
 
 
@@ -155,7 +155,7 @@ class SeenBatches(L.Callback):
 def test_val_and_test_images_are_never_augmented_and_train_images_are(tiny_mnist):
     from mnistlab.module import Classifier
 
-    dm = make_datamodule(tiny_mnist, augment="readme")
+    dm = make_datamodule(tiny_mnist, augment="rotate_shift")
     model = Classifier(
         {"_target_": "mnistlab.models.build_net", "layers": ["flatten", "linear 784 10"]},
         {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01},

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import ROOT, run_script
-from mnistlab import MnistlabError
+from mnistlab import MnistlabError, instantiate
 from mnistlab.data import TEST_IMAGES, TEST_LABELS, read_idx, standardize, to_unit
-from mnistlab.export import export_onnx, onnx_logits
+from mnistlab.export import export_onnx, onnx_logits, output_path
 from mnistlab.module import load_classifier
-from mnistlab.predict import load_image, load_network, mnist_style
+from mnistlab.predict import load_image, load_network, mnist_style, predict
+
+GAP_CNN = OmegaConf.load(ROOT / "conf" / "model" / "gap_cnn.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +61,32 @@ def test_a_blank_image_is_refused():
 def tiny_checkpoint(tiny_mnist, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("deploy_run")
     result = run_script(
-        "train.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "trainer.max_epochs=1",
-        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+        "train.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "debug=limit",
         f"hydra.run.dir={run_dir}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def test_export_writes_onnx_whose_logits_match_pytorch_for_any_batch(tiny_checkpoint, tiny_mnist, tmp_path):
-    out = tmp_path / "model.onnx"
-    result = run_script("export.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny",
-                        f"ckpt_path={tiny_checkpoint}", f"output={out}")  # fmt: skip
+def test_export_writes_onnx_next_to_the_checkpoint_matching_pytorch_for_any_batch(
+    tiny_checkpoint, tiny_mnist, tmp_path
+):
+    checkpoint = tmp_path / "run" / "last.ckpt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(tiny_checkpoint.read_bytes())
+    released = (ROOT / "weights" / "gap_cnn.onnx").read_bytes()
+    result = run_script(
+        "export.py",
+        "--config-dir",
+        str(tiny_mnist.config_dir),
+        "data=tiny",
+        "ckpt_path=run/last.ckpt",
+        cwd=tmp_path,
+    )  # fmt: skip  (a path relative to where it is typed)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "ONNX logits match PyTorch" in result.stdout
+    out = tmp_path / "run" / "last.onnx"
+    assert f"{out.relative_to(tmp_path)}: ONNX logits match PyTorch" in result.stdout
+    assert (ROOT / "weights" / "gap_cnn.onnx").read_bytes() == released  # weights/ only changes by release
     net = load_classifier(tiny_checkpoint).net.eval()
     for n in (1, 7):
         images = torch.randn(n, 1, 28, 28)
@@ -85,15 +102,47 @@ def test_export_refuses_to_write_a_file_that_disagrees(tiny_checkpoint, tmp_path
     assert not list(tmp_path.iterdir()), "nothing is left behind"
 
 
-def test_predict_prints_the_digit_and_ten_probabilities(tiny_checkpoint, real_test_digits, tmp_path):
+def test_export_refuses_outputs_it_must_not_write_before_any_work(tiny_checkpoint, tmp_path):
+    (tmp_path / "taken.onnx").write_bytes(b"someone's file")
+    cases = {
+        tmp_path / "taken.onnx": "already exists; pass overwrite=true to replace it",
+        tmp_path: "is a directory; pass output=<a file name ending in .onnx>",
+        Path("/proc/x.onnx"): "cannot write to /proc",
+    }
+    for output, message in cases.items():
+        with pytest.raises(MnistlabError, match=re.escape(message)):
+            output_path(tiny_checkpoint, str(output), overwrite=False)
+    assert (
+        output_path(tiny_checkpoint, str(tmp_path / "taken.onnx"), overwrite=True) == tmp_path / "taken.onnx"
+    )
+    assert (tmp_path / "taken.onnx").read_bytes() == b"someone's file"
+
+
+def test_predict_reads_a_real_digit_with_the_released_weights_from_any_folder(real_test_digits, tmp_path):
     image = tmp_path / "digit.png"
-    Image.fromarray(real_test_digits[0][0].numpy()).save(image)
-    result = run_script("predict.py", f"image={image}", f"ckpt_path={tiny_checkpoint}")
+    Image.fromarray(real_test_digits[0][0].numpy()).save(image)  # the first test digit, a 7
+    result = run_script(str(ROOT / "predict.py"), "image=digit.png", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])
-    assert answer["digit"] in range(10) and len(answer["probabilities"]) == 10
-    assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-3)
-    assert answer["digit"] == int(np.argmax(answer["probabilities"]))
+    assert answer["digit"] == int(real_test_digits[1][0]) == 7
+    assert max(answer["probabilities"]) > 0.9 and sum(answer["probabilities"]) == pytest.approx(1, abs=1e-3)
+
+
+def test_predict_with_a_checkpoint_gives_that_networks_probabilities(
+    tiny_checkpoint, real_test_digits, tmp_path
+):
+    image = tmp_path / "digit.png"
+    Image.fromarray(real_test_digits[0][0].numpy()).save(image)
+    cfg = OmegaConf.create(
+        {"image": str(image), "ckpt_path": str(tiny_checkpoint), "weights": None, "model": None}
+    )
+    answer = predict(cfg)
+    with torch.no_grad():
+        expected = torch.softmax(
+            load_classifier(tiny_checkpoint).net.eval()(mnist_style(load_image(image))), 1
+        )[0]
+    assert answer["probabilities"] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert answer["digit"] == int(expected.argmax())
 
 
 @pytest.mark.parametrize("kind", ["missing", "not_an_image", "empty", "huge"])
@@ -117,7 +166,7 @@ def test_a_bad_image_is_one_clear_error(kind, tmp_path):
 
 def test_missing_released_weights_are_one_clear_error(tmp_path):
     with pytest.raises(MnistlabError, match="no released weights at .*; pass ckpt_path="):
-        load_network(None, tmp_path / "none.pt", ROOT / "conf" / "model" / "gap_cnn.yaml")
+        load_network(None, tmp_path / "none.pt", GAP_CNN)
 
 
 def test_predict_script_reports_a_bad_image_in_one_line(tmp_path):
@@ -129,29 +178,23 @@ def test_predict_script_reports_a_bad_image_in_one_line(tmp_path):
     )
 
 
-def test_weights_of_another_architecture_name_both(tmp_path):
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
+def test_weights_of_another_architecture_or_not_weights_at_all_are_one_clear_error(tmp_path):
     other = instantiate(OmegaConf.load(ROOT / "conf" / "model" / "nopad_10_16.yaml"))
     torch.save(other.state_dict(), tmp_path / "other.pt")
-    with pytest.raises(MnistlabError, match=r"other.pt is not a state_dict of the network in .*gap_cnn.yaml"):
-        load_network(None, tmp_path / "other.pt", ROOT / "conf" / "model" / "gap_cnn.yaml")
-
-
-def tiny_sweep(tiny_mnist, sweep_dir, axis: str) -> None:
-    """A one-epoch multirun over `axis` on the tiny data, a few batches per job."""
-    result = run_script(
-        "train.py", "-m", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", axis,
-        "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=1", f"hydra.sweep.dir={sweep_dir}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    with pytest.raises(MnistlabError, match=r"other.pt is not a state_dict of this model .*; pass model="):
+        load_network(None, tmp_path / "other.pt", GAP_CNN)
+    (tmp_path / "text.pt").write_text("not weights")
+    with pytest.raises(MnistlabError, match=r"text.pt is not a weights file"):
+        load_network(None, tmp_path / "text.pt", GAP_CNN)
 
 
 def test_release_takes_the_median_validation_seed_and_writes_pt_onnx_json(tiny_mnist, tmp_path):
     sweep, weights = tmp_path / "sweep", tmp_path / "weights"
-    tiny_sweep(tiny_mnist, sweep, "seed=1,2,3")
+    result = run_script(
+        "train.py", "-m", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "seed=1,2,3",
+        "debug=limit", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     result = run_script("-m", "mnistlab.release", str(sweep), "--out", str(weights))
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -165,15 +208,23 @@ def test_release_takes_the_median_validation_seed_and_writes_pt_onnx_json(tiny_m
     # the .pt is the chosen run's network, in the architecture predict.py builds by default
     job = next(j for j in range(3) if runs[j]["seed"] == median["seed"])
     expected = load_classifier(sweep / str(job) / median["checkpoint"]).net
-    net = load_network(None, weights / "gap_cnn.pt", ROOT / "conf" / "model" / "gap_cnn.yaml")
+    net = load_network(None, weights / "gap_cnn.pt", GAP_CNN)
     images = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(net(images), expected.eval()(images))
     assert np.allclose(onnx_logits(weights / "gap_cnn.onnx", images), net(images).detach().numpy(), atol=1e-4)
 
 
-def test_release_refuses_runs_of_more_than_one_recipe(tiny_mnist, tmp_path):
-    tiny_sweep(tiny_mnist, tmp_path / "sweep", "model.dropout=0.1,0.2")
+def test_release_refuses_runs_of_more_than_one_recipe(tmp_path):
+    for job, dropout in enumerate([0.1, 0.2]):  # two finished runs' records, differing in dropout
+        run_dir = tmp_path / "sweep" / str(job)
+        (run_dir / ".hydra").mkdir(parents=True)
+        OmegaConf.save(
+            {"seed": 1, "model": {**GAP_CNN, "dropout": dropout}}, run_dir / ".hydra" / "config.yaml"
+        )
+        OmegaConf.save([f"model.dropout={dropout}"], run_dir / ".hydra" / "overrides.yaml")
+        metrics = {"status": "ok", "seed": 1, "val/acc_best": 0.99, "test/acc": 0.99, "checkpoint": "x.ckpt"}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
     result = run_script("-m", "mnistlab.release", str(tmp_path / "sweep"), "--out", str(tmp_path / "w"))
     assert result.returncode == 1 and "more than one configuration" in result.stderr
     assert not (tmp_path / "w").exists()
@@ -181,7 +232,7 @@ def test_release_refuses_runs_of_more_than_one_recipe(tiny_mnist, tmp_path):
 
 def test_the_released_weights_classify_real_test_digits_in_pytorch_and_onnx(real_test_digits):
     """weights/gap_cnn.{pt,onnx} as committed: the predict.py default, and its ONNX twin."""
-    net = load_network(None, ROOT / "weights" / "gap_cnn.pt", ROOT / "conf" / "model" / "gap_cnn.yaml")
+    net = load_network(None, ROOT / "weights" / "gap_cnn.pt", GAP_CNN)
     images = standardize(to_unit(read_idx(ROOT / "data" / TEST_IMAGES)[:1000]))
     labels = read_idx(ROOT / "data" / TEST_LABELS)[:1000].long()
     with torch.no_grad():

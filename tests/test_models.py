@@ -1,4 +1,4 @@
-"""The network builder and the seed's final network, layer by layer."""
+"""The network builder and the original project's final network, layer by layer."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_gap_cnn_matches_the_seed_table_layer_by_layer(gap_cnn):
         "BatchNorm2d",
         "Dropout",
         "Linear",
-    }  # the seed's table omits ReLU and pooling
+    }  # the original table omits ReLU and pooling
     rows = [(r.type, r.shape[1:], r.params) for r in layer_table(gap_cnn) if r.type in listed]
     assert rows == SEED_TABLE
     assert count_params(gap_cnn) == 19_348

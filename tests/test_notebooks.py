@@ -33,8 +33,7 @@ def test_the_data_notebook_runs_on_the_real_mnist(monkeypatch):
 
 def test_the_runs_notebook_reads_a_run_and_builds_the_table(compose_train, tmp_path, monkeypatch):
     run_dir = tmp_path  # compose_train's run directory
-    limits = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
-    cfg = compose_train("trainer.max_epochs=2", *limits)
+    cfg = compose_train("debug=limit")
     train(cfg)
     (run_dir / ".hydra").mkdir()
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")

@@ -10,7 +10,7 @@ from mnistlab.report import Run, build_report
 def run(seed: int, test_acc: float, val_acc: float, lr: float = 0.05, ema: bool = False) -> Run:
     config = {
         "seed": seed,
-        "data": {"batch_size": 1024, "augment": "readme", "train_size": 50000, "val_size": 10000},
+        "data": {"batch_size": 1024, "augment": "rotate_shift", "train_size": 50000, "val_size": 10000},
         "model": {"layers": ["conv 1 8", "gap", "dropout", "linear 8 10"], "dropout": 0.1},
         "optimizer": {"_target_": "torch.optim.Adam", "lr": lr},
         "scheduler": {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 10, "gamma": 0.1},
@@ -18,7 +18,7 @@ def run(seed: int, test_acc: float, val_acc: float, lr: float = 0.05, ema: bool 
         "callbacks": {"best_checkpoint": {"dirpath": f"logs/runs/{seed}/checkpoints"}},
     }
     if ema:
-        config["callbacks"]["ema"] = {"_target_": "mnistlab.train.EMA", "decay": 0.98}
+        config["callbacks"]["ema"] = {"_target_": "mnistlab.callbacks.EMA", "decay": 0.98}
     metrics = {"status": "ok", "test/acc": test_acc, "val/acc_best": val_acc, "epochs": 15,
                "params": 19348, "train_seconds": 600}  # fmt: skip
     return Run(Path(f"logs/runs/{seed}"), config, [f"seed={seed}", "experiment=ex17"], metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -12,10 +13,7 @@ import torch
 
 from conftest import ROOT
 
-TINY = [
-    "trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2", "trainer.deterministic=true", "trainer.enable_progress_bar=false",
-]  # fmt: skip
+TINY = ["debug=limit", "trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.deterministic=true"]
 
 
 def train(tiny_mnist, run_dir, *extra) -> subprocess.CompletedProcess:
@@ -38,10 +36,12 @@ def test_a_killed_and_resumed_run_ends_with_the_same_weights_and_metrics(tiny_mn
     alone, killed = tmp_path / "alone", tmp_path / "killed"
     assert train(tiny_mnist, alone).returncode == 0
 
-    crash = train(tiny_mnist, killed, "+callbacks.crash._target_=crash.SigkillAtEpochStart",
+    crash = train(tiny_mnist, killed, "+callbacks.crash._target_=crash.SignalAtEpochStart",
                   "+callbacks.crash.epoch=2")  # fmt: skip
     assert crash.returncode == -9, crash.stderr[-2000:]
-    assert json.loads((killed / "metrics.json").read_text())["status"] == "running"
+    killed_record = json.loads((killed / "metrics.json").read_text())
+    assert killed_record["status"] == "running"  # SIGKILL: nothing can run on the way out
+    assert killed_record["epochs"] == 2 and killed_record["train_seconds"] > 0  # as of the last epoch
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
 
     resumed = train(tiny_mnist, killed, "ckpt_path=last")
@@ -55,6 +55,31 @@ def test_a_killed_and_resumed_run_ends_with_the_same_weights_and_metrics(tiny_mn
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (alone, killed))
     for key in ["test/acc", "test/loss", "val/acc_best", "epochs", "checkpoint"]:
         assert ma[key] == mb[key], key
+    # additive: the CSV keeps the epochs before the kill, the clock counts both parts
+    epochs = [
+        row["epoch"] for row in csv.DictReader((killed / "csv" / "metrics.csv").open()) if row["val/acc"]
+    ]
+    assert epochs == ["0", "1", "2"]
+    assert mb["train_seconds"] > killed_record["train_seconds"]
+
+
+@pytest.mark.parametrize(("signal", "code", "how"), [("SIGTERM", 143, "SIGTERM"), ("SIGINT", 130, "Ctrl-C")])
+def test_a_stopped_run_is_interrupted_non_zero_and_resumable(tiny_mnist, tmp_path, signal, code, how):
+    """What a scheduler (SIGTERM) or a user (Ctrl-C) does: the record says so, the exit status
+    is not 0, and on SIGTERM a checkpoint of where it stopped is saved for the requeued job."""
+    stopped = train(tiny_mnist, tmp_path, "+callbacks.stop._target_=crash.SignalAtEpochStart",
+                    "+callbacks.stop.epoch=1", f"+callbacks.stop.signal={signal}")  # fmt: skip
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert (
+        record["status"] == "interrupted" and how in record["error"] and "ckpt_path=last" in record["error"]
+    )
+    if signal == "SIGTERM":  # saved mid-epoch: 4 steps of epoch 0, then the batch in flight finishes
+        assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    resumed = train(tiny_mnist, tmp_path, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "ok" and record["epochs"] == 3 and "error" not in record
 
 
 def test_resuming_a_run_that_has_no_checkpoint_is_one_clear_error(tiny_mnist, tmp_path):

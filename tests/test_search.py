@@ -8,10 +8,7 @@ import optuna
 
 from conftest import run_script
 
-TINY = [
-    "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
-]  # fmt: skip
+TINY = ["debug=limit", "trainer.limit_train_batches=2"]
 
 
 def test_a_study_in_sqlite_continues_where_it_stopped(tiny_mnist, tmp_path):
@@ -53,6 +50,6 @@ def test_a_trial_the_pruner_rejects_stops_after_that_epoch(compose_train):
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
     trial = study.ask()  # every val/acc is below 2.0, so the pruner rejects the first report
     reporter = ReportToTrial(trial)
-    metrics = train(compose_train("trainer.max_epochs=3", *TINY[1:]), callbacks=[reporter])
+    metrics = train(compose_train(*TINY, "trainer.max_epochs=3"), callbacks=[reporter])
     assert reporter.pruned and metrics["epochs"] == 1
     assert list(study.trials[0].intermediate_values) == [0]  # reported for epoch 0 only

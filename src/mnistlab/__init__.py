@@ -1,13 +1,19 @@
 """mnistlab: small-CNN experiments on MNIST with Lightning and Hydra."""
 
-import os
-
-from omegaconf import OmegaConf
-
-# Run directories are named by time and process id, so two runs started in the same second
-# never share one (see conf/hydra/default.yaml).
-OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 
 
 class MnistlabError(Exception):
     """Bad input from the user: the entry points print it as one line and exit non-zero."""
+
+
+def instantiate(config, *args, **kwargs):
+    """Hydra's `instantiate`, but a `MnistlabError` from the constructor (a value it refused)
+    comes through as itself, not wrapped in Hydra's InstantiationException."""
+    try:
+        return hydra_instantiate(config, *args, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, MnistlabError):
+            raise e.__cause__ from None
+        raise

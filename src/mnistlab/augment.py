@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 # name -> (max rotation in degrees, max shift as a fraction of the side, zoom probability, zoom)
 AUGMENTATIONS: dict[str, tuple[float, float, float, float] | None] = {
-    # SEED_README.md "Data Augmentation": RandomRotation(10) + RandomAffine(translate=(0.1, 0.1)).
-    "readme": (10.0, 0.1, 0.0, 1.0),
-    # What the seed's notebooks ran: p=0.1 CenterCrop(22) then Resize(28), RandomRotation(15).
-    # Cropping the central 22 px and resizing to 28 is sampling the centre at a scale of 22/28.
-    "notebook": (15.0, 0.0, 0.1, 22 / 28),
+    # Rotation up to 10 degrees and shift up to 10% each way: the original project's documented
+    # pipeline, RandomRotation(10) + RandomAffine(translate=(0.1, 0.1)).
+    "rotate_shift": (10.0, 0.1, 0.0, 1.0),
+    # Rotation up to 15 degrees and, for one image in ten, a zoom into the central 22 px: what the
+    # original notebooks ran, p=0.1 CenterCrop(22) + Resize(28), RandomRotation(15).
+    "rotate_zoom": (15.0, 0.0, 0.1, 22 / 28),
     "none": None,
 }
 

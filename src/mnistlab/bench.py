@@ -1,25 +1,29 @@
 """`make bench`: what our training path costs against a bare PyTorch loop, measured in one process.
 
 (a) floor: a plain loop over pre-normalised tensors, no augmentation, no Lightning;
-(b) ours: the Lightning Trainer with MNISTDataModule and the default `readme` augmentation;
-(c) seed-style: torchvision PIL transforms per image in a DataLoader with workers.
-All three train the same network with Adam on the same number of batches of the same size;
-each is timed over several epochs after a warm-up one (median shown), so start-up costs are
-excluded. Prints times, images per second and the ratios b/a and c/b.
+(b) ours: the Lightning Trainer with MNISTDataModule and the default `rotate_shift` augmentation;
+(c) the original project's way: torchvision PIL transforms per image in a DataLoader with workers.
+All three train the same network with Adam on the same number of batches of the same size, on
+the GPU when there is one (timed with torch.cuda.synchronize around each epoch), else the CPU;
+each is timed over several epochs after a warm-up one (median shown), so start-up and compile
+costs are excluded. Prints times, images per second, the ratios b/a and c/b, and the training
+path's achieved FLOP/s against the machine's own matmul peak, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from mnistlab import instantiate
 from mnistlab.data import (
     MEAN,
     STD,
@@ -32,24 +36,47 @@ from mnistlab.data import (
 )
 from mnistlab.module import Classifier
 
-ROOT_CONF = "conf"
+ROOT_CONF = Path(__file__).resolve().parents[2] / "conf"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRAIN_FLOP_PER_IMAGE = 3 * 2 * 4.76e6  # gap_cnn: 4.76 M multiply-adds forward; backward ~2x forward
 
 
 def gap_cnn_config() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(f"{ROOT_CONF}/model/gap_cnn.yaml"))
+    return OmegaConf.to_container(OmegaConf.load(ROOT_CONF / "model" / "gap_cnn.yaml"))
 
 
-OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.05}
+OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.025}
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large square matmul in `dtype` on DEVICE: the attainable peak to compare with."""
+    size = size * 4 if DEVICE.type == "cuda" else size
+    a, b = (
+        torch.randn(size, size, device=DEVICE, dtype=dtype),
+        torch.randn(size, size, device=DEVICE, dtype=dtype),
+    )
+    a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 def time_raw_loop(
     images: torch.Tensor, labels: torch.Tensor, batch_size: int, batches: int, repeats: int
 ) -> float:
     """Seconds per epoch of `batches` steps of a bare loop over pre-normalised float tensors."""
-    net = instantiate(gap_cnn_config())
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
-    x = standardize(to_unit(images[: batch_size * batches]))
-    y = labels[: batch_size * batches].long()
+    net = instantiate(gap_cnn_config()).to(DEVICE)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.025)
+    x = standardize(to_unit(images[: batch_size * batches])).to(DEVICE)
+    y = labels[: batch_size * batches].long().to(DEVICE)
     net.train()
 
     def epoch():
@@ -67,8 +94,10 @@ def median_epoch(epoch, repeats: int) -> float:
     epoch()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         epoch()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -78,31 +107,34 @@ class EpochTimer(L.Callback):
         self.times: list[float] = []
 
     def on_train_epoch_start(self, trainer, module):
+        sync()
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, module):
+        sync()
         self.times.append(time.perf_counter() - self.start)
 
 
 def time_lightning(
-    data_dir: str, batch_size: int, batches: int, repeats: int, augment: str, compile: bool
+    data_dir: str, batch_size: int, batches: int, repeats: int, compile: bool, precision: str = "32-true"
 ) -> float:
     """Seconds per epoch of `batches` steps through our Trainer + DataModule, after one warm-up."""
     timer = EpochTimer()
-    model_cfg = {**gap_cnn_config(), "compile": compile}
-    module = Classifier(model_cfg, OPTIMIZER, None)
-    datamodule = MNISTDataModule(data_dir=data_dir, batch_size=batch_size, augment=augment)
+    module = Classifier(gap_cnn_config(), OPTIMIZER, None)
+    if compile:
+        module.net.compile()
+    datamodule = MNISTDataModule(data_dir=data_dir, batch_size=batch_size, augment="rotate_shift")
     trainer = L.Trainer(
         max_epochs=1 + repeats, limit_train_batches=batches, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[timer], accelerator="cpu", devices=1,
+        callbacks=[timer], accelerator=DEVICE.type, devices=1, precision=precision,
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
     return statistics.median(timer.times[1:])
 
 
-def time_seed_pipeline(data_dir: str, batch_size: int, batches: int, repeats: int, workers: int) -> float:
-    """Seconds per epoch of `batches` steps with the seed's per-image PIL transforms in workers."""
+def time_pil_pipeline(data_dir: str, batch_size: int, batches: int, repeats: int, workers: int) -> float:
+    """Seconds per epoch of `batches` steps with the original per-image PIL transforms in workers."""
     from PIL import Image
     from torchvision import transforms
     from torchvision.datasets.vision import VisionDataset
@@ -124,13 +156,13 @@ def time_seed_pipeline(data_dir: str, batch_size: int, batches: int, repeats: in
         PilMnist(root=None, transform=transform), batch_size=batch_size, shuffle=True,
         num_workers=workers, persistent_workers=workers > 0,
     )  # fmt: skip
-    net = instantiate(gap_cnn_config())
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    net = instantiate(gap_cnn_config()).to(DEVICE)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.025)
 
     def epoch():
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(net(xb), yb).backward()
+            F.cross_entropy(net(xb.to(DEVICE)), yb.to(DEVICE)).backward()
             optimizer.step()
 
     return median_epoch(epoch, repeats)  # the warm-up epoch also starts the workers
@@ -138,40 +170,51 @@ def time_seed_pipeline(data_dir: str, batch_size: int, batches: int, repeats: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--data-dir", default=str(ROOT_CONF.parent / "data"))
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per path (median shown)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also time (b) with model.compile=true")
+    parser.add_argument("--compile", action="store_true", help="also time (b) compiled, and in bf16 autocast")
     args = parser.parse_args()
     MNISTDataModule(data_dir=args.data_dir).prepare_data()
     torch.manual_seed(0)
     images, labels = read_idx(f"{args.data_dir}/{TRAIN_IMAGES}"), read_idx(f"{args.data_dir}/{TRAIN_LABELS}")
     n = args.batch_size * args.batches
-    print(f"{args.batches} batches of {args.batch_size} ({n:,} images), {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else platform.processor() or "cpu"
+    print(f"{args.batches} batches of {args.batch_size} ({n:,} images) on {DEVICE.type} ({where}), "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
 
+    b, bf16 = "(b) train.py path, rotate_shift", "(b'') compiled, bf16-mixed autocast"
     results = {
         "(a) raw loop, no augmentation": time_raw_loop(
             images, labels, args.batch_size, args.batches, args.repeats
         ),
-        "(b) train.py path, readme augmentation": time_lightning(
-            args.data_dir, args.batch_size, args.batches, args.repeats, "readme", compile=False
-        ),
-        f"(c) seed-style PIL pipeline, {args.workers} workers": time_seed_pipeline(
+        b: time_lightning(args.data_dir, args.batch_size, args.batches, args.repeats, compile=False),
+        f"(c) PIL per image, {args.workers} workers": time_pil_pipeline(
             args.data_dir, args.batch_size, args.batches, args.repeats, args.workers
         ),
     }
     if args.compile:
-        results["(b') train.py path, model.compile=true"] = time_lightning(
-            args.data_dir, args.batch_size, args.batches, args.repeats, "readme", compile=True
+        results["(b') compiled"] = time_lightning(
+            args.data_dir, args.batch_size, args.batches, args.repeats, True
+        )
+        results[bf16] = time_lightning(
+            args.data_dir, args.batch_size, args.batches, args.repeats, True, precision="bf16-mixed"
         )
     for name, seconds in results.items():
-        print(f"{name:<44} {seconds:7.2f} s  {n / seconds:8.0f} images/s")
-    a, b, c = list(results.values())[:3]
-    print(f"b/a = {b / a:.3f}   c/b = {c / b:.3f}")
+        print(f"{name:<44} {seconds:7.3f} s  {n / seconds:9.0f} images/s")
+    a, b_time, c = list(results.values())[:3]
+    print(f"b/a = {b_time / a:.3f}   c/b = {c / b_time:.3f}")
+    fp32_peak = matmul_peak(torch.float32)
+    fastest = min(results[k] for k in results if "bf16" not in k)
+    achieved = TRAIN_FLOP_PER_IMAGE * n / fastest
+    print(f"fp32 matmul peak {fp32_peak / 1e9:.0f} GFLOP/s; fastest fp32 training path {achieved / 1e9:.1f} "
+          f"GFLOP/s = {achieved / fp32_peak:.1%} of it")  # fmt: skip
     if args.compile:
-        print(f"b'/b = {results[list(results)[3]] / b:.3f}")
+        bf16_peak = matmul_peak(torch.bfloat16)
+        speedup = results[b] / results[bf16]
+        print(f"bf16 matmul peak {bf16_peak / 1e9:.0f} GFLOP/s; bf16 autocast {speedup:.2f}x as fast as (b)")
 
 
 if __name__ == "__main__":

@@ -1,44 +1,95 @@
-"""What every entry script shares: user errors end as one line and a non-zero exit."""
+"""How the entry scripts start and end: config registration, a quiet console, one-line errors,
+and an exit status that tells the truth about every job of a sweep."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
+import os
+import shutil
 import sys
+import warnings
+from pathlib import Path
 
 import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from mnistlab import MnistlabError
 
 log = logging.getLogger("mnistlab")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/mnistlab/cli.py -> the checkout
 
-# `trainer=lightning`: every Lightning Trainer argument at Lightning's own default, so that any
-# `trainer.NAME=VALUE` override works as Lightning documents it (conf/trainer/*.yaml build on it).
-ConfigStore.instance().store(
-    group="trainer",
-    name="lightning",
-    node={
-        name: param.default
-        for name, param in inspect.signature(L.Trainer.__init__).parameters.items()
-        if name != "self"
-    },
+# Messages that tell a user nothing about their run, each silenced by its exact text.
+NOISE_LOGS = {
+    # Lightning's advertisements for its cloud products, printed by every Trainer.
+    "lightning.pytorch.utilities.rank_zero": (
+        "💡 Tip: For seamless cloud logging and experiment tracking",
+        "💡 Tip: For seamless cloud uploads and versioning",
+        # Said whenever a schedule asks for the run's length (OneCycleLR); nothing is slow here.
+        "Loading `train_dataloader` to estimate number of stepping batches.",
+    ),
+    # torch.compile looks for CUDA headers on every CPU-only machine that has /usr/local.
+    "torch.utils.cpp_extension": ("No CUDA runtime is found, using CUDA_HOME=",),
+}
+NOISE_WARNINGS = (
+    # Lightning 2.6 calls an API that torch 2.10+ deprecated; nothing of ours to change.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # On machines with SLURM's client, a hint to wrap every local run in `srun`; SLURM runs here
+    # go through the submitit launcher, which does (see README, "Many processes and machines").
+    r"The `srun` command is available on your system but is not used",
 )
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def lightning_trainer_defaults() -> dict:
+    """Every Lightning Trainer argument at Lightning's own default."""
+    params = inspect.signature(L.Trainer.__init__).parameters
+    return {name: param.default for name, param in params.items() if name != "self"}
+
+
+@functools.cache
+def register() -> None:
+    """What the configs need before Hydra composes them; called by each entry script and the tests.
+
+    - `${pid:}` names run directories, so two runs started in the same second never share one;
+    - `${project_root:}` roots data/, logs/ and weights/ at the checkout (conf/paths/default.yaml);
+    - `lightning_trainer` holds every Trainer argument at Lightning's default, so any
+      `trainer.NAME=VALUE` override works as Lightning documents it (conf/trainer/default.yaml).
+    """
+    OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+    ConfigStore.instance().store(name="lightning_trainer", node=lightning_trainer_defaults())
+    for logger, starts in NOISE_LOGS.items():
+        logging.getLogger(logger).addFilter(_DropMessages(starts))
+    for message in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+FAILED_JOBS: list[str] = []  # "job N (overrides): why", for the multirun's last line
 
 
 def one_line_errors(task):
     """Print a `MnistlabError` as `error: ...` and exit 2 instead of showing a traceback.
 
-    In a multirun the failed job is only logged (its metrics.json already says why), so the
-    other jobs of the sweep still run."""
+    In a multirun a failed job is logged and remembered (its metrics.json says why), so the
+    other jobs still run; `launch` then exits non-zero naming it."""
 
     @functools.wraps(task)
     def wrapper(cfg):
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         try:
             try:
                 return task(cfg)
@@ -46,15 +97,40 @@ def one_line_errors(task):
                 raise MnistlabError(
                     f"{e.full_key} is required: add {e.full_key}=VALUE to the command"
                 ) from None
-            except InstantiationException as e:  # Hydra wraps what a config's constructor raised
-                if isinstance(e.__cause__, MnistlabError):
-                    raise e.__cause__ from None
-                raise
         except MnistlabError as e:
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-                log.error("job failed: %s", e)
-                return None
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            remove_if_rejected()
+            if not multirun:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
+            log.error("job failed: %s", e)
+            reason = str(e)
+        except Exception as e:  # a bug or a library's error: one job's failure, not the sweep's
+            if not multirun:
+                raise
+            log.exception("job failed")
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        job = HydraConfig.get().job
+        FAILED_JOBS.append(f"job {job.num} ({job.override_dirname or 'no overrides'}): {reason}")
+        return None
 
     return wrapper
+
+
+def remove_if_rejected() -> None:
+    """A run refused before it started leaves no directory behind: Hydra made one holding only
+    the composed config and the log, which would clutter logs/ and `make report`."""
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return  # entry points that write no run directory (eval, predict, ...) run in the user's folder
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    made_by_hydra = {HydraConfig.get().output_subdir, f"{HydraConfig.get().job.name}.log"}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= made_by_hydra:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def launch(main) -> None:
+    """Run a Hydra entry point; a multirun whose jobs failed ends with one line and exit 1."""
+    register()
+    main()
+    if FAILED_JOBS:
+        print(f"error: {len(FAILED_JOBS)} job(s) failed: " + "; ".join(FAILED_JOBS), file=sys.stderr)
+        sys.exit(1)

@@ -1,8 +1,9 @@
 """MNIST on disk and in memory: fetch, verify, parse IDX, split, and serve batches as tensor slices.
 
-The whole dataset is 55 MB of uint8, so it lives in memory as tensors; a batch is one index
-slice, and conversion, augmentation and normalisation happen after the batch reaches its
-device (`on_after_batch_transfer`), never per image in Python.
+The whole dataset is 55 MB of uint8, so it lives as tensors (on the GPU when training runs
+there); an epoch is one `randperm` of indices and a batch is one index slice, with no
+DataLoader, workers or collate. Conversion, augmentation and normalisation happen on the
+batch's device (`on_after_batch_transfer`), never per image in Python.
 """
 
 from __future__ import annotations
@@ -10,21 +11,21 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
-import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
 import urllib.request
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from mnistlab import MnistlabError
 from mnistlab.augment import AUGMENTATIONS, augment
+from mnistlab.files import write_atomic
 
 log = logging.getLogger(__name__)
 MEAN, STD = 0.1307, 0.3081
@@ -47,21 +48,6 @@ def md5(data: bytes) -> str:
 
 def is_verified(path: Path, expected_md5: str) -> bool:
     return path.is_file() and md5(path.read_bytes()) == expected_md5
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it owner-only; data files are for everyone
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def from_torchvision_mirrors(names: list[str]) -> dict[str, bytes]:
@@ -162,26 +148,43 @@ def read_idx(path: str | Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
 
-class TensorBatches(Dataset):
-    """Images and labels as two tensors; `__getitems__` makes each batch a single slice."""
+@dataclass
+class Split:
+    """One part of MNIST (train, val or test) as two tensors: uint8 images [N, 28, 28], labels [N]."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    images: torch.Tensor
+    labels: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int):
-        return self.images[index], self.labels[index]
-
-    def __getitems__(self, indices: list[int]):
-        index = torch.as_tensor(indices)
-        return self.images[index], self.labels[index]
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
 
 
-def keep_batch(batch):
-    """`__getitems__` already returns a batch; there is nothing to collate."""
-    return batch
+class ShuffledBatches:
+    """Batches of (images, labels) as index slices of two tensors, on whatever device they are.
+
+    With `shuffle`, each pass draws one `randperm` on that device. Under DDP each process takes
+    every `world_size`-th index from `rank`, an equal share of the same permutation (all
+    processes share the seed), so the shares are disjoint and together cover the set."""
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool, rank: int = 0, world_size: int = 1):
+        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
+        self.rank, self.world_size = rank, world_size
+        # training shares must be equal, or one process would wait for a step the others never take
+        self.size = len(split) // world_size if shuffle else len(range(rank, len(split), world_size))
+
+    def __len__(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self):
+        n, device = len(self.split), self.split.labels.device
+        order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)
+        order = order[self.rank :: self.world_size][: self.size]
+        for start in range(0, self.size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.split.images[index], self.split.labels[index]
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -200,21 +203,33 @@ class MNISTDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "data",
-        batch_size: int = 1024,
+        batch_size: int = 256,
         train_size: int = 50_000,
         val_size: int = 10_000,
         split_seed: int = 0,
-        augment: str = "readme",
-        num_workers: int = 0,
+        augment: str = "rotate_shift",
         checksums: Mapping[str, str] | None = None,
     ):
         super().__init__()
+        checks = {
+            "batch_size": (batch_size, _int(batch_size) >= 1, "an integer >= 1"),
+            "train_size": (train_size, 1 <= _int(train_size) <= 60_000, "an integer in [1, 60000]"),
+            "val_size": (val_size, 0 <= _int(val_size) < 60_000, "an integer in [0, 60000)"),
+        }
+        for key, (value, ok, allowed) in checks.items():
+            if not ok:
+                raise MnistlabError(f"data.{key}={value!r} is not allowed; use {allowed}")
+        if train_size + val_size > 60_000:
+            raise MnistlabError(
+                f"data.train_size + data.val_size = {train_size + val_size} is more than MNIST's 60000 "
+                "training images; lower one"
+            )
         if augment not in AUGMENTATIONS:
             raise MnistlabError(
-                f"data.augment={augment!r} is unknown; choose one of {', '.join(AUGMENTATIONS)}"
+                f"data.augment={augment!r} is not allowed; use one of {', '.join(AUGMENTATIONS)}"
             )
         self.data_dir = Path(data_dir)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size = batch_size
         self.train_size, self.val_size, self.split_seed = train_size, val_size, split_seed
         self.augment = augment
         self.checksums = dict(checksums or MNIST_MD5)
@@ -225,45 +240,37 @@ class MNISTDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
-        images, labels = (
-            read_idx(self.data_dir / TRAIN_IMAGES),
-            read_idx(self.data_dir / TRAIN_LABELS),
-        )
+        images, labels = read_idx(self.data_dir / TRAIN_IMAGES), read_idx(self.data_dir / TRAIN_LABELS)
         if self.train_size + self.val_size > len(labels):
             raise MnistlabError(
                 f"data.train_size + data.val_size = {self.train_size + self.val_size} is more than "
-                f"the {len(labels)} training images; lower one of them"
+                f"the {len(labels)} training images in {self.data_dir}; lower one of them"
             )
         # The split has its own generator, so every training seed sees the same validation set.
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
-        train, val = (
-            order[: self.train_size],
-            order[self.train_size : self.train_size + self.val_size],
+        train, val = order[: self.train_size], order[self.train_size : self.train_size + self.val_size]
+        test_images, test_labels = (
+            read_idx(self.data_dir / TEST_IMAGES),
+            read_idx(self.data_dir / TEST_LABELS),
         )
-        self.train_set = TensorBatches(images[train], labels[train])
-        self.val_set = TensorBatches(images[val], labels[val])
-        self.test_set = TensorBatches(
-            read_idx(self.data_dir / TEST_IMAGES), read_idx(self.data_dir / TEST_LABELS)
-        )
+        # On a GPU the data moves there once; on the CPU this is a no-op.
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        self.train_set = Split(images[train], labels[train]).to(device)
+        self.val_set = Split(images[val], labels[val]).to(device)
+        self.test_set = Split(test_images, test_labels).to(device)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=keep_batch,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _batches(self, split: Split, shuffle: bool) -> ShuffledBatches:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return ShuffledBatches(split, self.batch_size, shuffle, rank, world)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> ShuffledBatches:
+        return self._batches(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if self.val_size else []
+    def val_dataloader(self) -> ShuffledBatches | list:
+        return self._batches(self.val_set, shuffle=False) if self.val_size else []
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+    def test_dataloader(self) -> ShuffledBatches:
+        return self._batches(self.test_set, shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Augment (training only) and normalise on the device the batch now lives on."""
@@ -272,3 +279,8 @@ class MNISTDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.training:
             images = augment(images, self.augment)
         return standardize(images), labels
+
+
+def _int(value) -> int | float:
+    """`value` if it is an integer (not a bool), else NaN, which fails every range check."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else float("nan")

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
-from mnistlab import MnistlabError
+from mnistlab import MnistlabError, instantiate
 from mnistlab.data import standardize, to_unit
 from mnistlab.module import load_classifier
 
@@ -75,10 +74,30 @@ def first_test_images(data_cfg, count: int) -> torch.Tensor:
     return standardize(to_unit(datamodule.test_set.images[:count]))
 
 
-def run(cfg) -> float:
+def output_path(ckpt_path: str | Path, output: str | None, overwrite: bool) -> Path:
+    """Where the ONNX file goes (next to the checkpoint unless `output` says), checked to be
+    writable and new before any export work starts."""
+    path = Path(output) if output else Path(ckpt_path).with_suffix(".onnx")
+    if path.is_dir():
+        raise MnistlabError(f"output={path} is a directory; pass output=<a file name ending in .onnx>")
+    if path.exists() and not overwrite:
+        raise MnistlabError(f"{path} already exists; pass overwrite=true to replace it, or another output=")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise MnistlabError(
+            f"cannot write to {path.parent} ({e.strerror}); pass output=<a writable path>"
+        ) from None
+    return path
+
+
+def export(cfg) -> float:
     """Export the checkpoint, checked on the first `check_images` official test images."""
     net = load_classifier(cfg.ckpt_path).net
+    path = output_path(cfg.ckpt_path, cfg.output, cfg.overwrite)
     images = first_test_images(cfg.data, cfg.check_images)
-    worst = export_onnx(net, cfg.output, check_images=images)
-    print(f"{cfg.output}: ONNX logits match PyTorch within {worst:.1e} on {len(images)} test images")
+    worst = export_onnx(net, path, check_images=images)
+    print(f"{path}: ONNX logits match PyTorch within {worst:.1e} on {len(images)} test images")
     return worst

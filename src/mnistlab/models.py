@@ -1,8 +1,8 @@
 """Networks as data: a list of layer specs in `conf/model/*.yaml` becomes an `nn.Sequential`.
 
-The seed's eleven architectures differ only in channels, kernels, padding, pooling, batch
-norm, where dropout sits and the head, so one builder covers them all, and a new
-architecture is a new YAML file. Spec words (one per list item):
+The original project's eleven architectures differ only in channels, kernels, padding,
+pooling, batch norm, where dropout sits and the head, so one builder covers them all, and a
+new architecture is a new YAML file. Spec words (one per list item):
 
     conv IN OUT [k=3] [p=1]   Conv2d (stride 1) -> BatchNorm2d if batch_norm -> ReLU
     maxpool                   2x2 max-pool
@@ -15,9 +15,12 @@ architecture is a new YAML file. Spec words (one per list item):
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mnistlab import MnistlabError
+
+WORDS = "conv IN OUT [k=K] [p=P], maxpool, dropout, gap, flatten, linear IN OUT, relu"
 
 
 def _conv(args: list[str], batch_norm: bool) -> list[nn.Module]:
@@ -32,40 +35,49 @@ def _conv(args: list[str], batch_norm: bool) -> list[nn.Module]:
     return [*layers, nn.ReLU()]
 
 
-def build_net(
-    layers: list[str], dropout: float = 0.0, batch_norm: bool = True, compile: bool = False
-) -> nn.Sequential:
-    """Build the network that the spec lines describe (see the module docstring); returns logits.
-    `compile` applies torch.compile in place, so the state_dict keeps its plain keys."""
+def _layer(word: str, args: list[str], dropout: float, batch_norm: bool) -> list[nn.Module]:
+    if word == "conv":
+        return _conv(args, batch_norm)
+    if word == "linear" and len(args) == 2:
+        return [nn.Linear(int(args[0]), int(args[1]))]
+    simple = {
+        "maxpool": lambda: [nn.MaxPool2d(2)],
+        "dropout": lambda: [nn.Dropout(dropout)],
+        "gap": lambda: [nn.AdaptiveAvgPool2d(1), nn.Flatten()],
+        "flatten": lambda: [nn.Flatten()],
+        "relu": lambda: [nn.ReLU()],
+    }
+    if word in simple and not args:
+        return simple[word]()
+    raise ValueError("unknown layer")
+
+
+def build_net(layers: list[str], dropout: float = 0.0, batch_norm: bool = True) -> nn.Sequential:
+    """The network the spec lines describe (see the module docstring), returning logits.
+
+    A dummy batch goes through each layer as it is built, so a shape mismatch names its line
+    here instead of failing at the first training batch."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise MnistlabError(f"model.dropout={dropout!r} is not allowed; use a value in [0, 1)")
     modules: list[nn.Module] = []
+    x = torch.zeros(2, 1, 28, 28)
     for line in layers:
         word, *args = str(line).split()
         try:
-            if word == "conv":
-                modules += _conv(args, batch_norm)
-            elif word == "linear":
-                modules.append(nn.Linear(int(args[0]), int(args[1])))
-            elif word == "maxpool" and not args:
-                modules.append(nn.MaxPool2d(2))
-            elif word == "dropout" and not args:
-                modules.append(nn.Dropout(dropout))
-            elif word == "gap" and not args:
-                modules += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-            elif word == "flatten" and not args:
-                modules.append(nn.Flatten())
-            elif word == "relu" and not args:
-                modules.append(nn.ReLU())
-            else:
-                raise ValueError("unknown layer")
+            new = _layer(word, args, dropout, batch_norm)
         except (ValueError, IndexError) as e:
+            raise MnistlabError(f"model layer {line!r}: {e}; write one of: {WORDS}") from None
+        try:
+            with torch.no_grad():
+                for module in new:
+                    x = module.eval()(x)
+        except RuntimeError as e:
             raise MnistlabError(
-                f"model layer {line!r}: {e}; write one of: conv IN OUT [k=K] [p=P], maxpool, "
-                "dropout, gap, flatten, linear IN OUT, relu"
+                f"model layer {line!r} does not fit its input {list(x.shape[1:])} "
+                f"({str(e).splitlines()[0][:120]}); fix the channels or sizes in model.layers"
             ) from None
-    net = nn.Sequential(*modules)
-    if compile:
-        net.compile()
-    return net
+        modules += new
+    return nn.Sequential(*modules).train()
 
 
 def count_params(net: nn.Module) -> int:

@@ -16,12 +16,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MaxMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassAccuracy
 
-from mnistlab import MnistlabError
+from mnistlab import MnistlabError, instantiate
 
 
 def plain(cfg: Any) -> Any:
@@ -38,9 +37,15 @@ class Classifier(L.LightningModule):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
+        lr = plain(optimizer).get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise MnistlabError(f"optimizer.lr={lr!r} is not allowed; use a value > 0")
+        if isinstance(label_smoothing, bool) or not 0 <= label_smoothing < 1:
+            raise MnistlabError(f"label_smoothing={label_smoothing!r} is not allowed; use a value in [0, 1)")
+        model = {k: v for k, v in plain(model).items() if k != "compile"}  # a key of checkpoints before 0.2
         self.save_hyperparameters(
             {
-                "model": plain(model),
+                "model": model,
                 "optimizer": plain(optimizer),
                 "scheduler": plain(scheduler) or None,
                 "num_classes": num_classes,
@@ -48,16 +53,19 @@ class Classifier(L.LightningModule):
             }
         )
         self.net = instantiate(self.hparams.model)
+        with torch.no_grad():
+            out = self.net.eval()(torch.zeros(2, 1, 28, 28)).shape[1:]
+        self.net.train()
+        if list(out) != [num_classes]:
+            raise MnistlabError(
+                f"the network ends in shape {list(out)}, not {num_classes} logits; end model.layers "
+                f"with gap or flatten and a `linear IN {num_classes}`"
+            )
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
-        # Gathered by the steps that already see the predictions, for the pictures callback.
-        self.val_confusion = MulticlassConfusionMatrix(num_classes)
-        self.test_confusion = MulticlassConfusionMatrix(num_classes)
-        self.val_confusion_last = self.test_confusion_last = None
-        self.test_mistakes: list[tuple] = []
 
     def forward(self, x):
         return self.net(x)
@@ -78,54 +86,16 @@ class Classifier(L.LightningModule):
         return self._step(batch, "train", self.train_acc)[0]
 
     def validation_step(self, batch, batch_idx):
-        _, logits = self._step(batch, "val", self.val_acc)
-        self.val_confusion.update(logits.argmax(dim=1), batch[1])
+        return self._step(batch, "val", self.val_acc)[1]  # the logits, for callbacks' pictures
 
     def test_step(self, batch, batch_idx):
-        images, labels = batch
-        _, logits = self._step(batch, "test", self.test_acc)
-        preds = logits.argmax(dim=1)
-        self.test_confusion.update(preds, labels)
-        if sum(len(m[1]) for m in self.test_mistakes) < 64:
-            wrong = preds != labels
-            self.test_mistakes.append((images[wrong].cpu(), labels[wrong].cpu(), preds[wrong].cpu()))
-
-    def on_test_epoch_start(self):
-        self.test_mistakes = []
-
-    def on_test_epoch_end(self):
-        self.test_confusion_last = self.test_confusion.compute()
-        self.test_confusion.reset()
-
-    def on_train_epoch_end(self):
-        loss = self.trainer.callback_metrics.get("train/loss")
-        if loss is not None and not torch.isfinite(loss):
-            raise MnistlabError(
-                f"training diverged in epoch {self.current_epoch} (train/loss = {float(loss)}); "
-                f"lower optimizer.lr (now {self.hparams.optimizer.get('lr')})"
-            )
+        return self._step(batch, "test", self.test_acc)[1]
 
     def on_validation_epoch_end(self):
-        confusion = self.val_confusion.compute()
-        self.val_confusion.reset()
         if self.trainer.sanity_checking:  # a few batches before training: not a result
             return
-        self.val_confusion_last = confusion
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
-
-    def on_save_checkpoint(self, checkpoint):
-        # The random streams of augmentation, dropout and shuffling, so a resumed run continues
-        # exactly where the saved one was (Lightning restores weights, optimizer and loops).
-        checkpoint["rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-
-    def on_load_checkpoint(self, checkpoint):
-        if "rng" in checkpoint:
-            torch.set_rng_state(checkpoint["rng"]["torch"])
-            if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
 
     def configure_optimizers(self):
         optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
@@ -155,7 +125,7 @@ def load_classifier(path: str | Path) -> Classifier:
         )
     try:
         return Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError) as e:
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, TypeError, ValueError) as e:
         raise MnistlabError(
             f"{path} is not a mnistlab checkpoint that loads with weights_only=True "
             f"({type(e).__name__}); pass a .ckpt written by train.py"

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 
-from mnistlab import MnistlabError
+from mnistlab import MnistlabError, instantiate
 from mnistlab.data import standardize
 from mnistlab.module import load_classifier
 
@@ -71,29 +69,36 @@ def mnist_style(image: Image.Image) -> torch.Tensor:
     return standardize(torch.from_numpy(field)).view(1, 1, 28, 28)
 
 
-def load_network(ckpt_path: str | None, weights: str | Path, model_config: str | Path) -> torch.nn.Module:
-    """A checkpoint's network, or else the released state_dict in the gap_cnn architecture."""
+def load_network(ckpt_path: str | None, weights: str | Path, model_cfg) -> torch.nn.Module:
+    """A checkpoint's network, or else a released state_dict in the architecture of `model_cfg`."""
     if ckpt_path:
         return load_classifier(ckpt_path).net.eval()
     weights = Path(weights)
     if not weights.is_file():
         raise MnistlabError(f"no released weights at {weights}; pass ckpt_path=PATH to a checkpoint")
-    net = instantiate(OmegaConf.load(model_config))
+    net = instantiate(model_cfg)
     try:
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except RuntimeError as e:  # other layer names or shapes: another architecture
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (a truncated file, a pickle of something else, text)
+        raise MnistlabError(
+            f"{weights} is not a weights file ({type(e).__name__}); pass weights=<a .pt from weights/> "
+            "or ckpt_path=<a checkpoint>"
+        ) from None
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:  # other names or shapes: another architecture
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise MnistlabError(
-            f"{weights} is not a state_dict of the network in {model_config} ({first[:120]}); "
-            "pass model_config=<the weights' architecture> or ckpt_path=<a checkpoint>"
+            f"{weights} is not a state_dict of this model ({first[:120]}); "
+            "pass model=<the weights' architecture> or ckpt_path=<a checkpoint>"
         ) from None
     return net.eval()
 
 
-def run(cfg) -> dict:
+def predict(cfg) -> dict:
     """Read and prepare the image first (the input most likely to be wrong), then the model."""
     image = mnist_style(load_image(cfg.image))
-    net = load_network(cfg.get("ckpt_path"), cfg.weights, cfg.model_config)
+    net = load_network(cfg.get("ckpt_path"), cfg.weights, cfg.model)
     with torch.no_grad():
         probabilities = torch.softmax(net(image), dim=1)[0]
     result = {

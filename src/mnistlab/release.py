@@ -20,13 +20,14 @@ import torch
 from omegaconf import OmegaConf
 
 from mnistlab import MnistlabError
-from mnistlab.data import MEAN, STD, write_atomic
+from mnistlab.data import MEAN, STD
 from mnistlab.export import export_onnx, first_test_images
+from mnistlab.files import write_atomic
 from mnistlab.module import load_classifier
 from mnistlab.report import Run, find_runs
 
 
-def median_seed(runs: list[Run]) -> Run:
+def median_run(runs: list[Run]) -> Run:
     """The run with the median best `val/acc` (the lower of the two middle ones for an even count);
     a tie goes to the smaller seed."""
     ranked = sorted(runs, key=lambda r: (r.metrics["val/acc_best"], r.metrics["seed"]))
@@ -49,7 +50,7 @@ def seeds_of_one_recipe(runs_dir: Path) -> list[Run]:
 
 def release(runs_dir: Path, out_dir: Path, name: str) -> dict:
     runs = seeds_of_one_recipe(runs_dir)
-    chosen = median_seed(runs)
+    chosen = median_run(runs)
     net = load_classifier(chosen.path / chosen.metrics["checkpoint"]).net.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()

@@ -13,10 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
-# What SEED_README.md reported for each experiment (../shared/seed/EXPERIMENTS.md, "README result").
-SEED_REPORTED = {
+from mnistlab import MnistlabError
+
+# What the original project's README reported for each experiment (docs/original-experiments.md).
+REFERENCE_RESULTS = {
     "ex01": "ep1 test 89.64%", "ex02": "ep1 test 88.19%", "ex03": "ep1 test 94.75%",
     "ex04": "ep1 test 96.11%", "ex05": "ep10 test 98.63%", "ex06": "ep10 test 98.04%",
     "ex07": "ep10 test 98.72%", "ex08": "ep19 test 99.17%", "ex09": "ep19 test 99.46%",
@@ -27,16 +30,21 @@ SEED_REPORTED = {
 }  # fmt: skip
 
 # Keys that name where a run wrote, how it showed progress or how fast it ran, not what it ran.
-NOT_CONFIG = {"seed", "logger", "ckpt_path"}
-# conf/callbacks/default.yaml: they record a run; a callback added to these (EMA) is recipe.
-RECORDING_CALLBACKS = {
-    "best_checkpoint", "last_checkpoint", "lr_monitor", "epoch_summary", "pictures", "model_checkpoint",
-}  # fmt: skip
+NOT_CONFIG = {"seed", "logger", "ckpt_path", "compile", "paths"}
 NOT_RUN_TRAINER = (
     "trainer.default_root_dir=", "trainer.enable_progress_bar=", "trainer.enable_model_summary=",
     "trainer.enable_autolog_hparams=",
 )  # fmt: skip
-NOT_RECIPE = ("seed=", "hydra.", "data.data_dir=", "model.compile=", *NOT_RUN_TRAINER)
+NOT_RECIPE = ("seed=", "hydra.", "data.data_dir=", "paths.", "compile=", "model.compile=", *NOT_RUN_TRAINER)
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def recording_callbacks() -> set[str]:
+    """The callbacks every run has (conf/callbacks/default.yaml): they record a run; a callback
+    added to them (EMA) is part of the recipe. Runs from before callbacks had one file each
+    named their checkpoint callback `model_checkpoint`."""
+    listed = OmegaConf.load(CONF / "callbacks" / "default.yaml").get("defaults", [])
+    return {str(name) for name in listed if name != "_self_"} | {"model_checkpoint"}
 
 
 def _short(override: str) -> str:
@@ -68,12 +76,16 @@ class Run:
         config["trainer"] = {k: v for k, v in trainer if f"trainer.{k}=" not in NOT_RUN_TRAINER}
         config["model"] = {k: v for k, v in config.get("model", {}).items() if k != "compile"}
         callbacks = (config.get("callbacks") or {}).items()
-        config["callbacks"] = {k: v for k, v in callbacks if k not in RECORDING_CALLBACKS}
+        recording = recording_callbacks()
+        config["callbacks"] = {k: v for k, v in callbacks if v and k not in recording}
         config.setdefault("label_smoothing", 0.0)  # runs from before the key existed had none
         return json.dumps(config, sort_keys=True, default=str)
 
 
 def find_runs(logs: Path) -> list[Run]:
+    """Every run under `logs` that has a config and a metrics.json, oldest first."""
+    if not logs.is_dir():
+        raise MnistlabError(f"{logs} is not a folder; pass the folder that holds the runs (default logs)")
     runs = []
     for metrics_file in sorted(logs.rglob("metrics.json")):
         run_dir = metrics_file.parent
@@ -81,16 +93,21 @@ def find_runs(logs: Path) -> list[Run]:
         if not config_file.is_file():
             continue
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
-        runs.append(
-            Run(
+        try:
+            overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+            run = Run(
                 path=run_dir,
                 config=OmegaConf.to_container(OmegaConf.load(config_file), resolve=False),
-                overrides=[str(o) for o in overrides],
+                overrides=overrides,
                 metrics=json.loads(metrics_file.read_text()),
             )
-        )
-    return runs
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise MnistlabError(
+                f"{run_dir} has an unreadable metrics.json or config ({type(e).__name__}); "
+                "delete or repair that run directory"
+            ) from None
+        runs.append(run)
+    return sorted(runs, key=lambda r: r.metrics.get("started") or "")  # stable: path order within
 
 
 def val_curve(run: Run) -> list[float]:
@@ -136,12 +153,12 @@ def _describe(config: dict) -> dict[str, str]:
 
 def build_report(runs: list[Run]) -> str:
     groups: dict[str, dict] = {}
-    for run in runs:  # sorted by path, so by start time: a repeated seed keeps its latest run
+    for run in runs:  # oldest first: a repeated seed keeps its latest run
         if run.metrics.get("status") == "ok":
             groups.setdefault(run.key, {})[run.config.get("seed")] = run
     header = (
         "| configuration | params | batch | optimizer, LR | scheduler | dropout | augment | split | epochs "
-        "| best val/acc % | test/acc % | train min | n | seed's README |"
+        "| best val/acc % | test/acc % | train min | n | original README |"
     )
     lines = [
         "# Experiment report",
@@ -167,7 +184,7 @@ def build_report(runs: list[Run]) -> str:
             f"`{first.label}`", f"{first.metrics.get('params', 0):,}", d["batch"], d["optimizer"],
             d["scheduler"], d["dropout"], d["augment"], d["split"], str(first.metrics.get("epochs")),
             _spread(val), _spread(test), f"{statistics.mean(minutes):.1f}", str(len(group)),
-            SEED_REPORTED.get(experiment, ""),
+            REFERENCE_RESULTS.get(experiment, ""),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in runs if r.metrics.get("status") != "ok"]
@@ -206,7 +223,11 @@ def plot_curves(runs: list[Run], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logs = Path((argv or sys.argv[1:] or ["logs"])[0])
-    runs = find_runs(logs)
+    try:
+        runs = find_runs(logs)
+    except MnistlabError as e:
+        sys.exit(f"error: {e}")
+    runs = [r for r in runs if r.path.relative_to(logs).parts[0] != "debug"]  # checks, not results
     (logs / "report.md").write_text(build_report(runs))
     plot_curves(runs, logs / "report.png")
     print(f"{len(runs)} runs -> {logs / 'report.md'}, {logs / 'report.png'}")

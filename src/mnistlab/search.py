@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import optuna
+import sqlalchemy.exc
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -51,16 +52,24 @@ def suggest(trial: optuna.Trial, name: str, spec: DictConfig):
 
 def search(cfg: DictConfig) -> optuna.Study:
     space = cfg.hparams_search
+    if isinstance(cfg.n_trials, bool) or not isinstance(cfg.n_trials, int) or cfg.n_trials < 1:
+        raise MnistlabError(f"n_trials={cfg.n_trials!r} is not allowed; use an integer >= 1")
     study_dir = Path(HydraConfig.get().runtime.output_dir)
     base = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(SEARCH_KEYS)]
-    study = optuna.create_study(
-        study_name=space.study_name,
-        storage=cfg.storage,
-        load_if_exists=True,
-        direction=space.direction,
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-        pruner=optuna.pruners.MedianPruner(**space.get("pruner", {})),
-    )
+    try:
+        study = optuna.create_study(
+            study_name=space.study_name,
+            storage=cfg.storage,
+            load_if_exists=True,
+            direction=space.direction,
+            sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+            pruner=optuna.pruners.MedianPruner(**space.get("pruner", {})),
+        )
+    except (ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
+        raise MnistlabError(
+            f"storage={cfg.storage} cannot be opened ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "pass storage=sqlite:///logs/<study>.db or a PostgreSQL/MySQL URL"
+        ) from None
     done = [
         t
         for t in study.trials

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mnistlab import instantiate
+
 
 @dataclass
 class Row:
@@ -58,3 +60,7 @@ def format_table(net: nn.Sequential) -> str:
         )
     lines += ["-" * len(header), f"Total params: {sum(r.params for r in rows):,}"]
     return "\n".join(lines)
+
+
+def print_summary(model_cfg) -> None:
+    print(format_table(instantiate(model_cfg)))

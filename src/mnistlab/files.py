@@ -1,0 +1,56 @@
+"""Writes that never leave half a file: a reader sees the old file or the new one, never a torn one.
+
+Every file a run or a release writes (data, metrics.json, checkpoints, weights) goes through
+here: written to a temporary file in the same folder, flushed to disk, then renamed over the
+target. A crash, a kill or a full disk leaves the previous version where it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+from mnistlab import MnistlabError
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename; a full disk is one clear error."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it owner-only; these files are for everyone
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise MnistlabError(
+                f"no space left on the disk that holds {path.parent} while writing {path.name} "
+                f"({len(data):,} bytes); free space there (the previous {path.name} is intact)"
+            ) from None
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic: `last.ckpt` is replaced only by a whole new one."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buffer.getvalue())
