@@ -78,32 +78,52 @@ def tiny_mnist(tmp_path_factory) -> TinyMnist:
     return TinyMnist(data_dir, checksums, config_dir)
 
 
+def compose_tiny(tiny_mnist, output_dir: Path, *overrides: str, config_name: str = "train"):
+    """A config of `conf/` (train, eval, search, ...) composed with overrides, pointed at the tiny
+    data and `output_dir`, with HydraConfig set as a Hydra app's task sees it."""
+    tiny = [
+        f"data.data_dir={tiny_mnist.data_dir}",
+        "data.train_size=1000",
+        "data.val_size=200",
+        "data.batch_size=100",
+        "+data.checksums={" + ",".join(f"{k}:{v}" for k, v in tiny_mnist.checksums.items()) + "}",
+    ]
+    if config_name == "predict":  # reads no data set
+        tiny = []
+    if config_name in ("train", "search"):
+        tiny.append("compile=false")  # compiling costs more than a test's few batches
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=[*tiny, *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
 @pytest.fixture
 def compose_train(tiny_mnist, tmp_path):
-    """The `train.py` config, composed with overrides, pointed at the tiny data and tmp_path."""
-
-    def _compose(*overrides: str, config_name: str = "train"):
-        tiny = [
-            f"data.data_dir={tiny_mnist.data_dir}",
-            "data.train_size=1000",
-            "data.val_size=200",
-            "data.batch_size=100",
-            "compile=false",
-        ]
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            cfg = compose(config_name, overrides=[*tiny, *overrides], return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(tmp_path)
-            cfg.hydra.job.num = 0
-            cfg.data.checksums = tiny_mnist.checksums
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]  # as a Hydra app's task sees it
-        return cfg
-
-    yield _compose
+    """`compose_tiny` with the test's tmp_path as the run directory."""
+    yield lambda *overrides, config_name="train": compose_tiny(
+        tiny_mnist, tmp_path, *overrides, config_name=config_name
+    )
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_mnist, tmp_path_factory):
+    """`train.py` run as a user runs it (a subprocess), on the tiny data, with `debug=limit`:
+    read by the tests of run outputs, the console, eval, export and predict."""
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_script(
+        "train.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "debug=limit",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
 
 
 def run_script(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -12,12 +12,16 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, compose_tiny, run_script
 from mnistlab import MnistlabError, instantiate
+from mnistlab.cli import one_line_errors
 from mnistlab.data import TEST_IMAGES, TEST_LABELS, read_idx, standardize, to_unit
-from mnistlab.export import export_onnx, onnx_logits, output_path
+from mnistlab.export import export, export_onnx, onnx_logits, output_path
 from mnistlab.module import load_classifier
 from mnistlab.predict import load_image, load_network, mnist_style, predict
+from mnistlab.release import main as release_main
+from mnistlab.release import release
+from mnistlab.train import train
 
 GAP_CNN = OmegaConf.load(ROOT / "conf" / "model" / "gap_cnn.yaml")
 
@@ -58,34 +62,21 @@ def test_a_blank_image_is_refused():
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_mnist, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("deploy_run")
-    result = run_script(
-        "train.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "debug=limit",
-        f"hydra.run.dir={run_dir}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    return run_dir / "checkpoints" / "last.ckpt"
+def tiny_checkpoint(finished_run):
+    return finished_run[0] / "checkpoints" / "last.ckpt"
 
 
 def test_export_writes_onnx_next_to_the_checkpoint_matching_pytorch_for_any_batch(
-    tiny_checkpoint, tiny_mnist, tmp_path
+    tiny_checkpoint, compose_train, tmp_path, monkeypatch, capsys
 ):
     checkpoint = tmp_path / "run" / "last.ckpt"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(tiny_checkpoint.read_bytes())
     released = (ROOT / "weights" / "gap_cnn.onnx").read_bytes()
-    result = run_script(
-        "export.py",
-        "--config-dir",
-        str(tiny_mnist.config_dir),
-        "data=tiny",
-        "ckpt_path=run/last.ckpt",
-        cwd=tmp_path,
-    )  # fmt: skip  (a path relative to where it is typed)
-    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)  # ckpt_path as typed, relative to the folder the user is in
+    export(compose_train("ckpt_path=run/last.ckpt", "check_images=64", config_name="export"))
     out = tmp_path / "run" / "last.onnx"
-    assert f"{out.relative_to(tmp_path)}: ONNX logits match PyTorch" in result.stdout
+    assert capsys.readouterr().out.startswith("run/last.onnx: ONNX logits match PyTorch")  # and nothing else
     assert (ROOT / "weights" / "gap_cnn.onnx").read_bytes() == released  # weights/ only changes by release
     net = load_classifier(tiny_checkpoint).net.eval()
     for n in (1, 7):
@@ -169,11 +160,12 @@ def test_missing_released_weights_are_one_clear_error(tmp_path):
         load_network(None, tmp_path / "none.pt", GAP_CNN)
 
 
-def test_predict_script_reports_a_bad_image_in_one_line(tmp_path):
-    result = run_script("predict.py", f"image={tmp_path / 'x.png'}")
-    assert result.returncode == 2
+def test_predict_reports_a_bad_image_in_one_line(compose_train, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        one_line_errors(predict)(compose_train(f"image={tmp_path / 'x.png'}", config_name="predict"))
+    assert exit_.value.code == 2
     assert (
-        result.stderr
+        capsys.readouterr().err
         == f"error: image {tmp_path / 'x.png'} does not exist; pass image=PATH to a PNG or JPEG\n"
     )
 
@@ -190,17 +182,19 @@ def test_weights_of_another_architecture_or_not_weights_at_all_are_one_clear_err
 
 def test_release_takes_the_median_validation_seed_and_writes_pt_onnx_json(tiny_mnist, tmp_path):
     sweep, weights = tmp_path / "sweep", tmp_path / "weights"
-    result = run_script(
-        "train.py", "-m", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "seed=1,2,3",
-        "debug=limit", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_script("-m", "mnistlab.release", str(sweep), "--out", str(weights))
-    assert result.returncode == 0, result.stderr[-3000:]
+    for job, seed in enumerate([1, 2, 3]):  # a seed sweep, as `train.py -m seed=1,2,3` lays it out
+        run_dir = sweep / str(job)
+        overrides = [f"seed={seed}", "debug=limit", "trainer.max_epochs=1"]
+        cfg = compose_tiny(tiny_mnist, run_dir, *overrides)
+        (run_dir / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+        OmegaConf.save(overrides, run_dir / ".hydra" / "overrides.yaml")
+        train(cfg)
+    info = release(sweep, weights, "gap_cnn")
 
     runs = [json.loads((sweep / str(job) / "metrics.json").read_text()) for job in range(3)]
     median = sorted(runs, key=lambda m: (m["val/acc_best"], m["seed"]))[1]
-    info = json.loads((weights / "gap_cnn.json").read_text())
+    assert json.loads(json.dumps(info)) == json.loads((weights / "gap_cnn.json").read_text())
     assert info["seed"] == median["seed"] and info["metrics"]["test/acc"] == median["test/acc"]
     assert info["command"].startswith("python train.py") and f"seed={median['seed']}" in info["command"]
     assert info["all_seeds"]["n"] == 3 and "median" in info["why_this_seed"]
@@ -225,8 +219,8 @@ def test_release_refuses_runs_of_more_than_one_recipe(tmp_path):
         OmegaConf.save([f"model.dropout={dropout}"], run_dir / ".hydra" / "overrides.yaml")
         metrics = {"status": "ok", "seed": 1, "val/acc_best": 0.99, "test/acc": 0.99, "checkpoint": "x.ckpt"}
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    result = run_script("-m", "mnistlab.release", str(tmp_path / "sweep"), "--out", str(tmp_path / "w"))
-    assert result.returncode == 1 and "more than one configuration" in result.stderr
+    with pytest.raises(SystemExit, match="more than one configuration"):
+        release_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()
 
 

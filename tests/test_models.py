@@ -8,10 +8,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import CONF, run_script
+from conftest import CONF
 from mnistlab import MnistlabError
 from mnistlab.models import build_net, count_params
-from mnistlab.summary import layer_table
+from mnistlab.summary import layer_table, print_summary
 
 # SEED_README.md section 4: (type, output shape, params) of every listed layer, in order.
 SEED_TABLE = [
@@ -80,7 +80,6 @@ def test_a_bad_layer_line_is_one_clear_error(line):
 
 
 @pytest.mark.parametrize(("args", "total"), [([], "19,348"), (["experiment=ex09"], "22,410")])
-def test_summary_script_ends_with_the_total(args, total):
-    result = run_script("summary.py", *args)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == f"Total params: {total}"
+def test_summary_ends_with_the_total(compose_train, capsys, args, total):
+    print_summary(compose_train(*args, config_name="summary").model)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"Total params: {total}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 from omegaconf import OmegaConf
 
@@ -25,6 +26,7 @@ def pictures(notebook) -> int:
     )
 
 
+@pytest.mark.slow  # a kernel and the real 60k images: about 18 s
 def test_the_data_notebook_runs_on_the_real_mnist(monkeypatch):
     monkeypatch.setenv("MNISTLAB_DATA_DIR", str(ROOT / "data"))  # fetched once, as in test_data
     notebook = execute("01_data.ipynb")

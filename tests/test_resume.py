@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT
+from mnistlab import MnistlabError
+from mnistlab.train import train as train_task
 
 TINY = ["debug=limit", "trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.deterministic=true"]
 
@@ -63,29 +66,39 @@ def test_a_killed_and_resumed_run_ends_with_the_same_weights_and_metrics(tiny_mn
     assert mb["train_seconds"] > killed_record["train_seconds"]
 
 
-@pytest.mark.parametrize(("signal", "code", "how"), [("SIGTERM", 143, "SIGTERM"), ("SIGINT", 130, "Ctrl-C")])
-def test_a_stopped_run_is_interrupted_non_zero_and_resumable(tiny_mnist, tmp_path, signal, code, how):
-    """What a scheduler (SIGTERM) or a user (Ctrl-C) does: the record says so, the exit status
-    is not 0, and on SIGTERM a checkpoint of where it stopped is saved for the requeued job."""
-    stopped = train(tiny_mnist, tmp_path, "+callbacks.stop._target_=crash.SignalAtEpochStart",
-                    "+callbacks.stop.epoch=1", f"+callbacks.stop.signal={signal}")  # fmt: skip
-    assert stopped.returncode == code, stopped.stderr[-2000:]
+@pytest.fixture
+def restore_sigint():
+    """Lightning ignores Ctrl-C once it has handled one; give pytest its handler back."""
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.parametrize(("name", "code", "how"), [("SIGTERM", 143, "SIGTERM"), ("SIGINT", 130, "Ctrl-C")])
+def test_a_stopped_run_is_interrupted_non_zero_and_resumable(
+    compose_train, tmp_path, restore_sigint, name, code, how
+):
+    """What a scheduler (SIGTERM) or a user (Ctrl-C) does, as a real signal to this process: the
+    record says so, the exit status is not 0, and on SIGTERM a checkpoint of where it stopped is
+    saved for the requeued job."""
+    stop = ["+callbacks.stop._target_=crash.SignalAtEpochStart", "+callbacks.stop.epoch=1",
+            f"+callbacks.stop.signal={name}"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        train_task(compose_train(*TINY, *stop))
+    assert exit_.value.code == code
     record = json.loads((tmp_path / "metrics.json").read_text())
-    assert (
-        record["status"] == "interrupted" and how in record["error"] and "ckpt_path=last" in record["error"]
-    )
-    if signal == "SIGTERM":  # saved mid-epoch: 4 steps of epoch 0, then the batch in flight finishes
+    assert record["status"] == "interrupted" and how in record["error"]
+    assert "ckpt_path=last" in record["error"]
+    if name == "SIGTERM":  # saved mid-epoch: 4 steps of epoch 0, then the batch in flight finishes
         assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
-    resumed = train(tiny_mnist, tmp_path, "ckpt_path=last")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    record = json.loads((tmp_path / "metrics.json").read_text())
+    record = train_task(compose_train(*TINY, "ckpt_path=last"))
     assert record["status"] == "ok" and record["epochs"] == 3 and "error" not in record
+    assert json.loads((tmp_path / "metrics.json").read_text()) == record
 
 
-def test_resuming_a_run_that_has_no_checkpoint_is_one_clear_error(tiny_mnist, tmp_path):
-    result = train(tiny_mnist, tmp_path, "ckpt_path=last")
-    assert result.returncode == 2
-    assert result.stderr.startswith(f"error: no checkpoint to resume at {tmp_path}/checkpoints/last.ckpt")
+def test_resuming_a_run_that_has_no_checkpoint_is_one_clear_error(compose_train, tmp_path):
+    with pytest.raises(MnistlabError) as error:
+        train_task(compose_train(*TINY, "ckpt_path=last"))
+    assert str(error.value).startswith(f"no checkpoint to resume at {tmp_path}/checkpoints/last.ckpt")
 
 
 @pytest.mark.slow

@@ -5,24 +5,27 @@ from __future__ import annotations
 import json
 
 import optuna
+import pytest
+from hydra import initialize_config_dir
 
-from conftest import run_script
+from conftest import CONF, compose_tiny
+from mnistlab import MnistlabError
+from mnistlab.search import search
 
 TINY = ["debug=limit", "trainer.limit_train_batches=2"]
 
 
-def test_a_study_in_sqlite_continues_where_it_stopped(tiny_mnist, tmp_path):
+def test_a_study_in_sqlite_continues_where_it_stopped(tiny_mnist, tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
 
-    def search(n_trials: int, run_dir: str):
-        result = run_script(
-            "search.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "hparams_search=dropout_lr",
-            f"n_trials={n_trials}", f"storage={storage}", *TINY, f"hydra.run.dir={tmp_path / run_dir}",
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
+    def search_in(run_dir: str, n_trials: int) -> str:
+        overrides = ["hparams_search=dropout_lr", f"n_trials={n_trials}", f"storage={storage}", *TINY]
+        cfg = compose_tiny(tiny_mnist, tmp_path / run_dir, *overrides, config_name="search")
+        with initialize_config_dir(str(CONF), version_base="1.3"):  # trials compose `train` from here
+            search(cfg)
+        return capsys.readouterr().out
 
-    search(2, "first")
+    search_in("first", 2)
     trial_dirs = sorted((tmp_path / "first").glob("trial_*"))
     assert [d.name for d in trial_dirs] == ["trial_000", "trial_001"]
     for trial_dir in trial_dirs:
@@ -30,17 +33,28 @@ def test_a_study_in_sqlite_continues_where_it_stopped(tiny_mnist, tmp_path):
         assert metrics["status"] == "ok" and (trial_dir / ".hydra" / "config.yaml").is_file()
         assert any((trial_dir / "tensorboard").glob("events.out.tfevents.*"))
 
-    out = search(3, "second")  # the study's total is now 3: one more trial, numbered on from 2
+    out = search_in("second", 3)  # the study's total is now 3: one more trial, numbered on from 2
     assert [d.name for d in (tmp_path / "second").glob("trial_*")] == ["trial_002"]
     study = optuna.load_study(study_name="dropout_lr", storage=storage)
     assert len(study.trials) == 3
     values = {t.number: t.value for t in study.trials}
-    assert (
-        values[2]
-        == json.loads((tmp_path / "second" / "trial_002" / "metrics.json").read_text())["val/acc_best"]
-    )
-    assert out.strip().splitlines()[-1].startswith("python train.py data=tiny ")
+    trial_2 = json.loads((tmp_path / "second" / "trial_002" / "metrics.json").read_text())
+    assert values[2] == trial_2["val/acc_best"]
+    assert out.strip().splitlines()[-1].startswith("python train.py data.data_dir=")
     assert "model.dropout=" in out and "optimizer.lr=" in out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("n_trials=-1", "n_trials=-1 is not allowed; use an integer >= 1"),
+        ("storage=bogus://x", "storage=bogus://x cannot be opened"),
+    ],
+)
+def test_bad_search_settings_are_one_clear_error(compose_train, override, message):
+    with pytest.raises(MnistlabError) as error:
+        search(compose_train("hparams_search=dropout_lr", override, config_name="search"))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
 def test_a_trial_the_pruner_rejects_stops_after_that_epoch(compose_train):

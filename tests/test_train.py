@@ -18,6 +18,7 @@ from mnistlab.data import MNISTDataModule
 from mnistlab.evaluate import evaluate
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.module import Classifier, load_classifier
+from mnistlab.report import main as report_main
 from mnistlab.runs import resume_checkpoint
 from mnistlab.train import build_trainer, train
 
@@ -44,18 +45,6 @@ def test_without_a_validation_set_the_last_checkpoint_is_tested(compose_train, t
     assert metrics["val/acc_best"] is None
     assert metrics["checkpoint"] == "checkpoints/last.ckpt"
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_mnist, tmp_path_factory):
-    """`train.py` run as a user runs it, on the tiny data, with `debug=limit`."""
-    run_dir = tmp_path_factory.mktemp("run")
-    result = run_script(
-        "train.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "debug=limit",
-        f"hydra.run.dir={run_dir}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result
 
 
 def test_train_script_writes_metrics_json_with_the_promised_fields(finished_run):
@@ -148,7 +137,9 @@ def test_tensorboard_hparams_hold_the_settings_and_the_final_metrics(finished_ru
     assert events.Scalars("hp/val_acc_best")[-1].value == pytest.approx(metrics["val/acc_best"])
 
 
-def test_checkpoints_load_with_weights_only_and_eval_reproduces_the_test_metrics(finished_run, tiny_mnist):
+def test_checkpoints_load_with_weights_only_and_eval_reproduces_the_test_metrics(
+    finished_run, compose_train, capsys
+):
     run_dir, _ = finished_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     best = run_dir / metrics["checkpoint"]
@@ -156,14 +147,11 @@ def test_checkpoints_load_with_weights_only_and_eval_reproduces_the_test_metrics
     checkpoint = torch.load(best, weights_only=True)
     assert checkpoint["hyper_parameters"]["model"]["_target_"] == "mnistlab.models.build_net"
 
-    result = run_script(
-        "eval.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", f"ckpt_path={best}",
-        "trainer.limit_test_batches=2",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "\r" not in result.stdout + result.stderr  # no progress bar into a pipe
-    evaluated = json.loads(result.stdout.strip().splitlines()[-1])
+    cfg = compose_train(f"ckpt_path={best}", "trainer.limit_test_batches=2", config_name="eval")
+    evaluated = one_line_errors(evaluate)(cfg)
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["test/acc"] == evaluated["test/acc"] and printed["ckpt_path"] == str(best)
 
 
 def test_the_train_task_returns_val_acc_best_for_sweeper_plugins(compose_train, tmp_path):
@@ -186,17 +174,18 @@ def test_the_train_task_returns_val_acc_best_for_sweeper_plugins(compose_train, 
     ],
 )
 def test_eval_of_a_bad_checkpoint_is_one_line_and_exit_2(compose_train, capsys, ckpt_path, message):
-    cfg = compose_train(f"ckpt_path={ckpt_path}")
+    cfg = compose_train(f"ckpt_path={ckpt_path}", config_name="eval")
     with pytest.raises(SystemExit) as exit_:
         one_line_errors(evaluate)(cfg)
     stderr = capsys.readouterr().err
     assert exit_.value.code == 2 and stderr.count("\n") == 1 and message in stderr
 
 
-def test_eval_without_a_checkpoint_says_which_key_is_missing():
-    result = run_script("eval.py")
-    assert result.returncode == 2
-    assert result.stderr == "error: ckpt_path is required: add ckpt_path=VALUE to the command\n"
+def test_eval_without_a_checkpoint_says_which_key_is_missing(compose_train, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        one_line_errors(evaluate)(compose_train(config_name="eval"))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: ckpt_path is required: add ckpt_path=VALUE to the command\n"
 
 
 @pytest.mark.parametrize(
@@ -228,8 +217,7 @@ def test_a_sweep_with_a_failed_job_finishes_the_others_exits_1_and_names_it(tiny
     # TensorBoard's HParams data: one comparable row per finished job, each with its own settings
     assert {hparams_of(sweep_dir / j)["optimizer.lr"] for j in "01"} == {0.01, 0.02}
 
-    report = run_script("-m", "mnistlab.report", str(sweep_dir))
-    assert report.returncode == 0, report.stderr
+    report_main([str(sweep_dir)])
     text = (sweep_dir / "report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert len(rows) == 2 and any("optimizer.lr=0.02" in row for row in rows)

@@ -36,7 +36,7 @@ def export_onnx(net: nn.Module, path: str | Path, check_images: torch.Tensor) ->
     try:
         torch.onnx.export(
             net, (example,), tmp, input_names=["image"], output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False,
         )  # fmt: skip
         worst = check_against_torch(net, tmp, check_images)
         os.chmod(tmp, 0o644)  # mkstemp made it owner-only
