@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 ARGS   ?=
 LOGS   ?= logs
 
-.PHONY: install lock train sweep report release bench test test-all lint tensorboard clean
+.PHONY: install lock train sweep report release speedrun bench test test-all lint tensorboard clean
 
 ## The locked versions (hash-checked), then this project on top of them without its dependencies.
 $(STAMP): requirements.lock pyproject.toml
@@ -43,6 +43,10 @@ report: install
 ## make release RUNS=logs/multiruns/<date>_<time>_<pid>
 release: install
 	$(PY) -m mnistlab.release $(RUNS)
+
+## The GPU speedrun over seeds 1-3 (seed 0 first warms the compile caches); needs a GPU.
+speedrun: install
+	$(PY) train.py -m experiment=speedrun seed=0,1,2,3 $(ARGS)
 
 ## Per-epoch cost of our training path against a bare PyTorch loop (a few minutes; ARGS="--compile").
 bench: install

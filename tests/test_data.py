@@ -253,3 +253,19 @@ def test_two_processes_fetching_into_one_folder_leave_it_whole(tiny_mnist, tmp_p
     for name, digest in tiny_mnist.checksums.items():
         assert data.md5((tmp_path / "mnist" / name).read_bytes()) == digest
     assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(tiny_mnist.checksums)
+
+
+def test_each_epoch_is_a_new_permutation_and_ddp_shares_are_disjoint_and_equal():
+    split = data.Split(
+        torch.arange(10, dtype=torch.uint8).view(10, 1, 1).expand(10, 28, 28), torch.arange(10)
+    )
+    batches = data.ShuffledBatches(split, batch_size=4, shuffle=True)
+    torch.manual_seed(0)
+    first, second = (torch.cat([labels for _, labels in batches]) for _ in range(2))
+    assert sorted(first.tolist()) == list(range(10)) and not torch.equal(first, second)
+    assert len(batches) == 3 and all(torch.equal(images[:, 0, 0], labels) for images, labels in batches)
+    shares = []
+    for rank in (0, 1):  # both processes draw the same permutation from the same seed
+        torch.manual_seed(1)
+        shares.append(torch.cat([labels for _, labels in data.ShuffledBatches(split, 2, True, rank, 2)]))
+    assert len(shares[0]) == len(shares[1]) == 5 and not set(shares[0].tolist()) & set(shares[1].tolist())

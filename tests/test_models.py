@@ -13,8 +13,8 @@ from mnistlab import MnistlabError
 from mnistlab.models import build_net, count_params
 from mnistlab.summary import layer_table, print_summary
 
-# SEED_README.md section 4: (type, output shape, params) of every listed layer, in order.
-SEED_TABLE = [
+# The original parameter table (docs/original-experiments.md): (type, output shape, params) of every layer.
+ORIGINAL_TABLE = [
     ("Conv2d", [14, 28, 28], 140),
     ("BatchNorm2d", [14, 28, 28], 28),
     ("Conv2d", [14, 28, 28], 1778),
@@ -42,7 +42,7 @@ def gap_cnn() -> nn.Sequential:
     return instantiate(OmegaConf.load(CONF / "model" / "gap_cnn.yaml"))
 
 
-def test_gap_cnn_matches_the_seed_table_layer_by_layer(gap_cnn):
+def test_gap_cnn_matches_the_original_table_layer_by_layer(gap_cnn):
     listed = {
         "Conv2d",
         "BatchNorm2d",
@@ -50,7 +50,7 @@ def test_gap_cnn_matches_the_seed_table_layer_by_layer(gap_cnn):
         "Linear",
     }  # the original table omits ReLU and pooling
     rows = [(r.type, r.shape[1:], r.params) for r in layer_table(gap_cnn) if r.type in listed]
-    assert rows == SEED_TABLE
+    assert rows == ORIGINAL_TABLE
     assert count_params(gap_cnn) == 19_348
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mnistlab.report import Run, build_report
+import pytest
+
+from mnistlab.report import Run, build_report, find_runs, main
 
 
 def run(seed: int, test_acc: float, val_acc: float, lr: float = 0.05, ema: bool = False) -> Run:
@@ -46,3 +48,31 @@ def test_failed_runs_are_listed_apart():
     broken.metrics = {"status": "failed", "error": "training diverged in epoch 0"}
     report = build_report([run(1, 0.995, 0.993), broken])
     assert "## Runs that did not finish" in report and "training diverged in epoch 0" in report
+
+
+def write_run(root: Path, name: str, started: str, test_acc: float) -> None:
+    import json
+
+    from omegaconf import OmegaConf
+
+    one = run(1, test_acc, 0.99)
+    (root / name / ".hydra").mkdir(parents=True)
+    OmegaConf.save(one.config, root / name / ".hydra" / "config.yaml")
+    OmegaConf.save(one.overrides, root / name / ".hydra" / "overrides.yaml")
+    (root / name / "metrics.json").write_text(json.dumps({**one.metrics, "started": started}))
+
+
+def test_a_repeated_seed_keeps_the_run_that_started_last_not_the_last_path(tmp_path):
+    write_run(tmp_path, "b", "2026-11-26T09:29:00+00:00", 0.9900)  # later in path order, earlier in time
+    write_run(tmp_path, "a", "2026-11-26T09:31:00+00:00", 0.9950)
+    row = next(line for line in build_report(find_runs(tmp_path)).splitlines() if line.startswith("| `"))
+    assert "| 99.50 | 10.0 | 1 |" in row  # test/acc of the 09:31 run, one seed
+
+
+def test_a_missing_folder_or_a_corrupt_metrics_file_is_one_line_naming_it(tmp_path):
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'nothing'} is not a folder"):
+        main([str(tmp_path / "nothing")])
+    write_run(tmp_path, "a", "2026-11-26T09:31:00+00:00", 0.9950)
+    (tmp_path / "a" / "metrics.json").write_text('{"status": "ok", "test/')  # cut off mid-write
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'a'} has an unreadable metrics.json"):
+        main([str(tmp_path)])

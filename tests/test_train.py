@@ -30,8 +30,9 @@ from mnistlab.train import build_trainer, train
         ["optimizer=sgd", "scheduler=one_cycle"],
         ["scheduler=none", "data.augment=rotate_zoom"],
         ["trainer=gpu", "trainer.accelerator=cpu"],  # the GPU recipe's bf16 autocast, on the CPU
+        ["experiment=speedrun", "trainer.accelerator=cpu"],  # the GPU speedrun's path, on the CPU
     ],
-    ids=["default", "sgd-one_cycle", "constant-rotate_zoom", "gpu-recipe-on-cpu"],
+    ids=["default", "sgd-one_cycle", "constant-rotate_zoom", "gpu-recipe-on-cpu", "speedrun-on-cpu"],
 )
 def test_fast_dev_run_of_the_composed_config(compose_train, overrides):
     metrics = train(compose_train("debug=fdr", *overrides))

@@ -167,7 +167,7 @@ class ShuffledBatches:
 
     With `shuffle`, each pass draws one `randperm` on that device. Under DDP each process takes
     every `world_size`-th index from `rank`, an equal share of the same permutation (all
-    processes share the seed), so the shares are disjoint and together cover the set."""
+    processes share the random seed), so the shares are disjoint and together cover the set."""
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool, rank: int = 0, world_size: int = 1):
         self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
