@@ -1,7 +1,11 @@
 """mnistlab: small-CNN experiments on MNIST with Lightning and Hydra."""
 
+from pathlib import Path
+
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/mnistlab/__init__.py -> the checkout
 
 
 class MnistlabError(Exception):

@@ -16,14 +16,13 @@ import argparse
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from mnistlab import instantiate
+from mnistlab import PROJECT_ROOT, instantiate
 from mnistlab.data import (
     MEAN,
     STD,
@@ -36,7 +35,7 @@ from mnistlab.data import (
 )
 from mnistlab.module import Classifier
 
-ROOT_CONF = Path(__file__).resolve().parents[2] / "conf"
+ROOT_CONF = PROJECT_ROOT / "conf"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRAIN_FLOP_PER_IMAGE = 3 * 2 * 4.76e6  # gap_cnn: 4.76 M multiply-adds forward; backward ~2x forward
 

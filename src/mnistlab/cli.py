@@ -19,10 +19,9 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from mnistlab import MnistlabError
+from mnistlab import PROJECT_ROOT, MnistlabError
 
 log = logging.getLogger("mnistlab")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/mnistlab/cli.py -> the checkout
 
 # Messages that tell a user nothing about their run, each silenced by its exact text.
 NOISE_LOGS = {

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from mnistlab import MnistlabError
+from mnistlab import PROJECT_ROOT, MnistlabError
 
 # What the original project's README reported for each experiment (docs/original-experiments.md).
 REFERENCE_RESULTS = {
@@ -36,7 +36,7 @@ NOT_RUN_TRAINER = (
     "trainer.enable_autolog_hparams=",
 )  # fmt: skip
 NOT_RECIPE = ("seed=", "hydra.", "data.data_dir=", "paths.", "compile=", "model.compile=", *NOT_RUN_TRAINER)
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = PROJECT_ROOT / "conf"
 
 
 def recording_callbacks() -> set[str]:
