@@ -12,6 +12,17 @@ class MnistlabError(Exception):
     """Bad input from the user: the entry points print it as one line and exit non-zero."""
 
 
+def as_number(value) -> float:
+    """`value` if it is an int or a float (not a bool), else NaN, which fails every range check:
+    a string or a bool typed on the command line is refused like an out-of-range number."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+
+def as_integer(value) -> float:
+    """`value` if it is an int (not a bool), else NaN."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else float("nan")
+
+
 def instantiate(config, *args, **kwargs):
     """Hydra's `instantiate`, but a `MnistlabError` from the constructor (a value it refused)
     comes through as itself, not wrapped in Hydra's InstantiationException."""

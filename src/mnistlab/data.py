@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from mnistlab import MnistlabError
+from mnistlab import MnistlabError, as_integer
 from mnistlab.augment import AUGMENTATIONS, augment
 from mnistlab.files import write_atomic
 
@@ -212,9 +212,9 @@ class MNISTDataModule(L.LightningDataModule):
     ):
         super().__init__()
         checks = {
-            "batch_size": (batch_size, _int(batch_size) >= 1, "an integer >= 1"),
-            "train_size": (train_size, 1 <= _int(train_size) <= 60_000, "an integer in [1, 60000]"),
-            "val_size": (val_size, 0 <= _int(val_size) < 60_000, "an integer in [0, 60000)"),
+            "batch_size": (batch_size, as_integer(batch_size) >= 1, "an integer >= 1"),
+            "train_size": (train_size, 1 <= as_integer(train_size) <= 60_000, "an integer in [1, 60000]"),
+            "val_size": (val_size, 0 <= as_integer(val_size) < 60_000, "an integer in [0, 60000)"),
         }
         for key, (value, ok, allowed) in checks.items():
             if not ok:
@@ -279,8 +279,3 @@ class MNISTDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.training:
             images = augment(images, self.augment)
         return standardize(images), labels
-
-
-def _int(value) -> int | float:
-    """`value` if it is an integer (not a bool), else NaN, which fails every range check."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else float("nan")

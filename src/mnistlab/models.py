@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mnistlab import MnistlabError
+from mnistlab import MnistlabError, as_number
 
 WORDS = "conv IN OUT [k=K] [p=P], maxpool, dropout, gap, flatten, linear IN OUT, relu"
 
@@ -57,7 +57,7 @@ def build_net(layers: list[str], dropout: float = 0.0, batch_norm: bool = True) 
 
     A dummy batch goes through each layer as it is built, so a shape mismatch names its line
     here instead of failing at the first training batch."""
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if not 0 <= as_number(dropout) < 1:
         raise MnistlabError(f"model.dropout={dropout!r} is not allowed; use a value in [0, 1)")
     modules: list[nn.Module] = []
     x = torch.zeros(2, 1, 28, 28)

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from mnistlab import MnistlabError, instantiate
+from mnistlab import MnistlabError, as_number, instantiate
 
 
 def plain(cfg: Any) -> Any:
@@ -38,9 +38,9 @@ class Classifier(L.LightningModule):
     ):
         super().__init__()
         lr = plain(optimizer).get("lr")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        if not as_number(lr) > 0:
             raise MnistlabError(f"optimizer.lr={lr!r} is not allowed; use a value > 0")
-        if isinstance(label_smoothing, bool) or not 0 <= label_smoothing < 1:
+        if not 0 <= as_number(label_smoothing) < 1:
             raise MnistlabError(f"label_smoothing={label_smoothing!r} is not allowed; use a value in [0, 1)")
         model = {k: v for k, v in plain(model).items() if k != "compile"}  # a key of checkpoints before 0.2
         self.save_hyperparameters(
@@ -53,13 +53,11 @@ class Classifier(L.LightningModule):
             }
         )
         self.net = instantiate(self.hparams.model)
-        with torch.no_grad():
-            out = self.net.eval()(torch.zeros(2, 1, 28, 28)).shape[1:]
-        self.net.train()
-        if list(out) != [num_classes]:
+        last = self.net[-1]  # build_net has already passed a batch through every layer
+        if not isinstance(last, nn.Linear) or last.out_features != num_classes:
             raise MnistlabError(
-                f"the network ends in shape {list(out)}, not {num_classes} logits; end model.layers "
-                f"with gap or flatten and a `linear IN {num_classes}`"
+                f"the network ends in {last}, not {num_classes} logits; end model.layers with gap or "
+                f"flatten and a `linear IN {num_classes}`"
             )
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -17,7 +17,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mnistlab import MnistlabError
+from mnistlab import MnistlabError, as_integer
 from mnistlab.train import train
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def suggest(trial: optuna.Trial, name: str, spec: DictConfig):
 
 def search(cfg: DictConfig) -> optuna.Study:
     space = cfg.hparams_search
-    if isinstance(cfg.n_trials, bool) or not isinstance(cfg.n_trials, int) or cfg.n_trials < 1:
+    if not as_integer(cfg.n_trials) >= 1:
         raise MnistlabError(f"n_trials={cfg.n_trials!r} is not allowed; use an integer >= 1")
     study_dir = Path(HydraConfig.get().runtime.output_dir)
     base = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(SEARCH_KEYS)]

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mnistlab import MnistlabError, instantiate
+from mnistlab import MnistlabError, as_integer, instantiate
 from mnistlab.cli import lightning_trainer_defaults
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.models import count_params
@@ -67,7 +67,7 @@ def compile_network(net: torch.nn.Module, device: torch.device) -> None:
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    if not 0 <= as_integer(seed) < 2**32:
         raise MnistlabError(f"seed={seed!r} is not allowed; use an integer in [0, 4294967295]")
     return seed
 
@@ -93,7 +93,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     datamodule = instantiate(cfg.data)
     model = Classifier(cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing)
     epochs, batches = cfg.trainer.max_epochs, cfg.trainer.get("limit_train_batches")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if not as_integer(epochs) >= 1:
         raise MnistlabError(f"trainer.max_epochs={epochs!r} is not allowed; use an integer >= 1")
     if batches is not None and batches == 0:
         raise MnistlabError("trainer.limit_train_batches=0 trains nothing; use a value above 0")
