@@ -126,6 +126,15 @@ def finished_run(tiny_mnist, tmp_path_factory):
     return run_dir, result
 
 
+@pytest.fixture(scope="session")
+def real_test_digits():
+    """The first 40 official test images and labels (fetched into data/ once, as `make train` does)."""
+    from mnistlab.data import MNIST_MD5, ensure_files, read_idx
+
+    ensure_files(ROOT / "data", MNIST_MD5)
+    return read_idx(ROOT / "data" / TEST_IMAGES)[:40], read_idx(ROOT / "data" / TEST_LABELS)[:40]
+
+
 def run_script(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run one of the root scripts as a user would, with this interpreter."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)

@@ -18,47 +18,13 @@ from mnistlab.cli import one_line_errors
 from mnistlab.data import TEST_IMAGES, TEST_LABELS, read_idx, standardize, to_unit
 from mnistlab.export import export, export_onnx, onnx_logits, output_path
 from mnistlab.module import load_classifier
-from mnistlab.predict import load_image, load_network, mnist_style, predict
+from mnistlab.predict import load_network, predict
+from mnistlab.prepare import load_image, mnist_style
 from mnistlab.release import main as release_main
 from mnistlab.release import release
 from mnistlab.train import train
 
 GAP_CNN = OmegaConf.load(ROOT / "conf" / "model" / "gap_cnn.yaml")
-
-
-@pytest.fixture(scope="module")
-def real_test_digits():
-    """The first 8 official test images (the real-data test has fetched them into data/)."""
-    from mnistlab.data import MNIST_MD5, ensure_files
-
-    ensure_files(ROOT / "data", MNIST_MD5)
-    return read_idx(ROOT / "data" / TEST_IMAGES)[:8], read_idx(ROOT / "data" / TEST_LABELS)[:8]
-
-
-def similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
-    return float(a @ b / (a.norm() * b.norm()))
-
-
-def test_an_mnist_digit_comes_back_almost_unchanged(real_test_digits):
-    images, _ = real_test_digits
-    for image in images:
-        prepared = mnist_style(Image.fromarray(image.numpy()))
-        assert similarity(prepared, standardize(to_unit(image[None]))) > 0.95
-
-
-def test_a_large_dark_on_light_digit_is_inverted_resized_and_centred(real_test_digits):
-    images, _ = real_test_digits
-    for image in images:
-        big = Image.fromarray(255 - image.numpy()).resize((100, 100), Image.BICUBIC)  # black ink, white paper
-        padded = Image.new("L", (160, 130), 255)
-        padded.paste(big, (50, 5))  # off centre, on a wider sheet
-        assert similarity(mnist_style(padded), standardize(to_unit(image[None]))) > 0.8
-
-
-def test_a_blank_image_is_refused():
-    with pytest.raises(MnistlabError, match="found no digit"):
-        mnist_style(Image.new("L", (50, 50), 255))
 
 
 @pytest.fixture(scope="module")

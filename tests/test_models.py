@@ -83,3 +83,31 @@ def test_a_bad_layer_line_is_one_clear_error(line):
 def test_summary_ends_with_the_total(compose_train, capsys, args, total):
     print_summary(compose_train(*args, config_name="summary").model)
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"Total params: {total}"
+
+
+def test_sepconv_is_a_per_channel_conv_then_a_1x1_mix_without_biases_before_batch_norm():
+    net = build_net(["conv 1 8", "sepconv 8 16", "sepconv 16 4 k=5 p=2"])[3:]
+    depthwise, pointwise, norm = net[0], net[1], net[2]
+    assert (depthwise.groups, depthwise.kernel_size, depthwise.bias) == (8, (3, 3), None)
+    assert (pointwise.kernel_size, pointwise.out_channels, pointwise.bias) == ((1, 1), 16, None)
+    assert isinstance(norm, nn.BatchNorm2d) and isinstance(net[3], nn.ReLU)
+    assert count_params(net) == (8 * 9 + 8 * 16 + 2 * 16) + (16 * 25 + 16 * 4 + 2 * 4)
+    assert net(torch.randn(2, 8, 28, 28)).shape == (2, 4, 28, 28)
+    plain = build_net(["conv 1 8", "sepconv 8 16"], batch_norm=False)[
+        2:
+    ]  # no BatchNorm: the mix keeps a bias
+    assert plain[1].bias is not None and count_params(plain) == 8 * 9 + 8 * 16 + 16
+
+
+def test_conv_groups_split_the_channels_and_must_divide_them():
+    grouped = build_net(["conv 1 8", "conv 8 16 g=4"])[3:]
+    assert grouped[0].groups == 4 and grouped[0].weight.shape == (16, 2, 3, 3)
+    assert count_params(grouped) == 16 * 2 * 9 + 16 + 2 * 16
+    with pytest.raises(MnistlabError, match=r"'conv 8 16 g=3': g=3 must divide both 8 and 16 channels"):
+        build_net(["conv 1 8", "conv 8 16 g=3"])
+    with pytest.raises(MnistlabError, match=r"'sepconv 8 16 g=2': unknown options \['g'\]"):
+        build_net(["conv 1 8", "sepconv 8 16 g=2"])
+
+
+def test_micro_cnn_stays_under_a_thousand_parameters():
+    assert count_params(instantiate(OmegaConf.load(CONF / "model" / "micro_cnn.yaml"))) <= 1_000

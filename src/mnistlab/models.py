@@ -4,7 +4,13 @@ The original project's eleven architectures differ only in channels, kernels, pa
 pooling, batch norm, where dropout sits and the head, so one builder covers them all, and a
 new architecture is a new YAML file. Spec words (one per list item):
 
-    conv IN OUT [k=3] [p=1]   Conv2d (stride 1) -> BatchNorm2d if batch_norm -> ReLU
+    conv IN OUT [k=3] [p=1] [g=1]
+                              Conv2d (stride 1, g groups) -> BatchNorm2d if batch_norm -> ReLU
+    sepconv IN OUT [k=3] [p=1]
+                              depthwise-separable: a KxK conv per channel, then a 1x1 conv
+                              mixing channels (no biases before BatchNorm) -> BatchNorm2d -> ReLU;
+                              IN*(K*K + OUT) weights instead of IN*OUT*K*K, the lever of networks
+                              under a thousand parameters
     maxpool                   2x2 max-pool
     dropout                   Dropout at the model's `dropout` rate
     gap                       global average pool, flattened to [N, C]
@@ -20,24 +26,36 @@ from torch import nn
 
 from mnistlab import MnistlabError, as_number
 
-WORDS = "conv IN OUT [k=K] [p=P], maxpool, dropout, gap, flatten, linear IN OUT, relu"
+WORDS = (
+    "conv IN OUT [k=K] [p=P] [g=G], sepconv IN OUT [k=K] [p=P], maxpool, dropout, gap, flatten, "
+    "linear IN OUT, relu"
+)
 
 
-def _conv(args: list[str], batch_norm: bool) -> list[nn.Module]:
+def _conv(args: list[str], batch_norm: bool, separable: bool) -> list[nn.Module]:
     in_ch, out_ch = int(args[0]), int(args[1])
     options = dict(opt.split("=") for opt in args[2:])
     kernel, padding = int(options.pop("k", 3)), int(options.pop("p", 1))
+    groups = 1 if separable else int(options.pop("g", 1))
     if options:
-        raise ValueError(f"unknown conv options {sorted(options)}")
-    layers = [nn.Conv2d(in_ch, out_ch, kernel, padding=padding)]
+        raise ValueError(f"unknown options {sorted(options)}")
+    if in_ch % groups or out_ch % groups:
+        raise ValueError(f"g={groups} must divide both {in_ch} and {out_ch} channels")
+    if separable:  # BatchNorm follows, so a bias would be a wasted parameter; without it, keep one
+        layers = [
+            nn.Conv2d(in_ch, in_ch, kernel, padding=padding, groups=in_ch, bias=False),
+            nn.Conv2d(in_ch, out_ch, 1, bias=not batch_norm),
+        ]
+    else:
+        layers = [nn.Conv2d(in_ch, out_ch, kernel, padding=padding, groups=groups)]
     if batch_norm:
         layers.append(nn.BatchNorm2d(out_ch))
     return [*layers, nn.ReLU()]
 
 
 def _layer(word: str, args: list[str], dropout: float, batch_norm: bool) -> list[nn.Module]:
-    if word == "conv":
-        return _conv(args, batch_norm)
+    if word in ("conv", "sepconv"):
+        return _conv(args, batch_norm, separable=word == "sepconv")
     if word == "linear" and len(args) == 2:
         return [nn.Linear(int(args[0]), int(args[1]))]
     simple = {
