@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 ARGS   ?=
 LOGS   ?= logs
 
-.PHONY: install lock train sweep report release speedrun bench test test-all lint tensorboard clean
+.PHONY: install lock train sweep report release speedrun bench bench-demo demo test test-browser test-all lint tensorboard clean
 
 ## The locked versions (hash-checked), then this project on top of them without its dependencies.
 $(STAMP): requirements.lock pyproject.toml
@@ -52,9 +52,22 @@ speedrun: install
 bench: install
 	$(PY) -m mnistlab.bench $(ARGS)
 
+## The page to draw a digit on, with the released weights: http://127.0.0.1:7860 (ARGS="port=8080").
+demo: install
+	$(PY) demo.py $(ARGS)
+
+## Latency of the demo page over HTTP: median of 20 calls from another process (about a minute).
+bench-demo: install
+	$(PY) -m mnistlab.demo_bench $(ARGS)
+
 ## The fast test suite (offline apart from one MNIST fetch into data/ on first use).
 test: install
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow and not browser" -q
+
+## The demo page driven in a real headless Chromium (Debian's package, installed when missing).
+test-browser: install
+	command -v chromium >/dev/null || scripts/install-chromium.sh
+	$(PY) -m pytest -m browser -q
 
 ## Everything, slow tests included.
 test-all: install

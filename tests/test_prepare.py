@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 from conftest import ROOT
 from mnistlab import MnistlabError
 from mnistlab.data import standardize, to_unit
+from mnistlab.demo_bench import drawn_three
 from mnistlab.predict import load_network
 from mnistlab.prepare import load_image, mnist_style
 
@@ -104,3 +105,10 @@ def test_an_animation_is_refused_not_read_by_its_first_frame(tmp_path, real_test
     frames[0].save(tmp_path / "digits.gif", save_all=True, append_images=frames[1:])
     with pytest.raises(MnistlabError, match="has 3 frames .* pass a single still image"):
         load_image(tmp_path / "digits.gif")
+
+
+@pytest.mark.parametrize("pen", [10, 40])
+def test_a_drawing_on_the_page_canvas_is_read_however_bold(pen, released):
+    """A 3 in black on the demo's white 280x280 canvas: a bold pen covers a fifth of it, which
+    a fit of the paper to all pixels mistook for paper (the page answered "no digit")."""
+    assert released(drawn_three(pen)) == 3

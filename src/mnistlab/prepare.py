@@ -24,6 +24,7 @@ from mnistlab.data import standardize
 # Stroke width over the digit's box side in MNIST's test digits: 5th percentile 0.06, median
 # 0.09, 95th 0.14. Outside (low, high) a stroke is brought to `typical`.
 STROKE = (0.06, 0.16, 0.12)
+WORKING_SIDE = 160  # larger pictures are reduced to this first: plenty for a 20 px digit, and fast
 MAX_PIXELS = 50_000_000  # a 7,000 x 7,000 scan; larger is refused before it is decoded
 
 
@@ -71,18 +72,20 @@ def flatten_alpha(image: Image.Image) -> Image.Image:
 
 
 def _paper(pixels: np.ndarray) -> tuple[np.ndarray, float]:
-    """The paper's brightness as a quadratic surface fitted to the pixels that are not ink, and
-    the noise around it (robust standard deviation)."""
+    """The paper's brightness as a quadratic surface, and the noise around it (robust standard
+    deviation). The first fit is to the image's outer frame, where a digit rarely is; each refit
+    takes every pixel close to the surface, leaving the ink out however much of the image it covers."""
     h, w = pixels.shape
     ys, xs = np.mgrid[:h, :w]
+    frame = (np.minimum(ys, h - 1 - ys) < max(1, h // 10)) | (np.minimum(xs, w - 1 - xs) < max(1, w // 10))
     ys, xs = ys / max(h - 1, 1) * 2 - 1, xs / max(w - 1, 1) * 2 - 1
     basis = np.stack([np.ones_like(xs), xs, ys, xs * xs, ys * ys, xs * ys], -1).reshape(-1, 6)
     values = pixels.reshape(-1)
-    step = max(1, values.size // 20_000)  # a subsample is plenty for six coefficients
-    sample, sample_values = basis[::step], values[::step]
-    keep = np.ones(len(sample_values), bool)
-    for _ in range(5):  # refit without the pixels far from the surface: the ink
-        coef, *_ = np.linalg.lstsq(sample[keep], sample_values[keep], rcond=None)
+    step = max(1, values.size // 4_000)  # a subsample is plenty for six coefficients
+    sample, sample_values, keep = basis[::step], values[::step], frame.reshape(-1)[::step]
+    for _ in range(5):
+        kept = sample[keep]  # least squares by the 6x6 normal equations: fast and well posed here
+        coef = np.linalg.solve(kept.T @ kept + 1e-6 * np.eye(6), kept.T @ sample_values[keep])
         residual = sample_values - sample @ coef
         spread = 1.4826 * np.median(np.abs(residual[keep] - np.median(residual[keep])))
         keep = np.abs(residual) <= 2.5 * spread + 0.02
@@ -112,7 +115,10 @@ def _to_stroke_width(digit: np.ndarray) -> np.ndarray:
 
 def mnist_style(image: Image.Image) -> torch.Tensor:
     """An image of one digit -> [1, 1, 28, 28] normalised tensor, MNIST-style."""
-    pixels = np.asarray(flatten_alpha(image), np.float32) / 255
+    grey = flatten_alpha(image)
+    if max(grey.size) > WORKING_SIDE:
+        grey.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.BOX)
+    pixels = np.asarray(grey, np.float32) / 255
     paper, noise = _paper(pixels)
     difference = pixels - paper
     darker, lighter = -np.percentile(difference, 0.5), np.percentile(difference, 99.5)
