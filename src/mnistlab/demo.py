@@ -85,9 +85,7 @@ def build_app(models: dict[str, torch.nn.Module]):
 
     read = reader(models)
     with gr.Blocks(title="mnistlab: draw a digit", analytics_enabled=False) as app:
-        gr.Markdown(
-            "## Draw a digit\nBlack ink on white or a photo of paper: both are prepared as MNIST was."
-        )
+        gr.Markdown("## Draw a digit\nA drawing, a photo or a scan: each is prepared as MNIST's digits were.")
         with gr.Row():
             with gr.Column():
                 sketch = gr.Sketchpad(
@@ -108,7 +106,9 @@ def build_app(models: dict[str, torch.nn.Module]):
             with gr.Column():
                 message = gr.Markdown(DRAW, elem_id="message")
                 answer = gr.Label(num_top_classes=10, label="answer and probabilities", elem_id="answer")
-                saw = gr.Image(label="what the model saw (28x28)", interactive=False, height=224)
+                saw = gr.Image(  # PNG: the default WebP would blur the 28 pixels it shows
+                    label="what the model saw (28x28)", interactive=False, height=224, format="png"
+                )
         clear.add([sketch, upload, answer, saw])
         clear.click(lambda: DRAW, outputs=message, api_visibility="private")
         outputs = [answer, saw, message]
