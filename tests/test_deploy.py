@@ -21,7 +21,7 @@ from mnistlab.module import load_classifier
 from mnistlab.predict import load_network, predict
 from mnistlab.prepare import load_image, mnist_style
 from mnistlab.release import main as release_main
-from mnistlab.release import release
+from mnistlab.release import model_name, release
 from mnistlab.train import train
 
 GAP_CNN = OmegaConf.load(ROOT / "conf" / "model" / "gap_cnn.yaml")
@@ -164,6 +164,9 @@ def test_release_takes_the_median_validation_seed_and_writes_pt_onnx_json(tiny_m
     assert info["seed"] == median["seed"] and info["metrics"]["test/acc"] == median["test/acc"]
     assert info["command"].startswith("python train.py") and f"seed={median['seed']}" in info["command"]
     assert info["all_seeds"]["n"] == 3 and "median" in info["why_this_seed"]
+    # the stress figure measured on the released network is the one its run recorded
+    assert info["metrics"]["stress/acc"] == pytest.approx(median["stress/acc"], abs=1e-6)
+    assert info["all_seeds"]["stress/acc by seed"] == {r["seed"]: r["stress/acc"] for r in runs}
 
     # the .pt is the chosen run's network, in the architecture predict.py builds by default
     job = next(j for j in range(3) if runs[j]["seed"] == median["seed"])
@@ -173,6 +176,12 @@ def test_release_takes_the_median_validation_seed_and_writes_pt_onnx_json(tiny_m
     with torch.no_grad():
         assert torch.allclose(net(images), expected.eval()(images))
     assert np.allclose(onnx_logits(weights / "gap_cnn.onnx", images), net(images).detach().numpy(), atol=1e-4)
+
+
+def test_released_files_are_named_after_the_runs_network():
+    for name in ("gap_cnn", "tiny_cnn", "micro_cnn"):
+        assert model_name(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml").layers) == name
+    assert model_name(["conv 1 10", "gap", "linear 10 10"]) is None
 
 
 def test_release_refuses_runs_of_more_than_one_recipe(tmp_path):

@@ -66,7 +66,7 @@ def test_a_repeated_seed_keeps_the_run_that_started_last_not_the_last_path(tmp_p
     write_run(tmp_path, "b", "2026-11-26T09:29:00+00:00", 0.9900)  # later in path order, earlier in time
     write_run(tmp_path, "a", "2026-11-26T09:31:00+00:00", 0.9950)
     row = next(line for line in build_report(find_runs(tmp_path)).splitlines() if line.startswith("| `"))
-    assert "| 99.50 | 10.0 | 1 |" in row  # test/acc of the 09:31 run, one seed
+    assert "| 99.50 | – | 10.0 | 1 |" in row  # test/acc of the 09:31 run (no stress/acc recorded), one seed
 
 
 def test_a_missing_folder_or_a_corrupt_metrics_file_is_one_line_naming_it(tmp_path):

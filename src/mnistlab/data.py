@@ -26,6 +26,7 @@ import torch
 from mnistlab import MnistlabError, as_integer
 from mnistlab.augment import AUGMENTATIONS, augment
 from mnistlab.files import write_atomic
+from mnistlab.stress import stress
 
 log = logging.getLogger(__name__)
 MEAN, STD = 0.1307, 0.3081
@@ -208,6 +209,7 @@ class MNISTDataModule(L.LightningDataModule):
         val_size: int = 10_000,
         split_seed: int = 0,
         augment: str = "rotate_shift",
+        test_set: str = "official",
         checksums: Mapping[str, str] | None = None,
     ):
         super().__init__()
@@ -228,6 +230,9 @@ class MNISTDataModule(L.LightningDataModule):
             raise MnistlabError(
                 f"data.augment={augment!r} is not allowed; use one of {', '.join(AUGMENTATIONS)}"
             )
+        if test_set not in ("official", "stress"):
+            raise MnistlabError(f"data.test_set={test_set!r} is not allowed; use official or stress")
+        self.test_set_name = test_set
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.train_size, self.val_size, self.split_seed = train_size, val_size, split_seed
@@ -253,6 +258,8 @@ class MNISTDataModule(L.LightningDataModule):
             read_idx(self.data_dir / TEST_IMAGES),
             read_idx(self.data_dir / TEST_LABELS),
         )
+        if self.test_set_name == "stress":
+            test_images = stress(test_images)
         # On a GPU the data moves there once; on the CPU this is a no-op.
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         self.train_set = Split(images[train], labels[train]).to(device)

@@ -19,12 +19,27 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from mnistlab import MnistlabError
-from mnistlab.data import MEAN, STD
+from mnistlab import PROJECT_ROOT, MnistlabError
+from mnistlab.data import MEAN, STD, TEST_IMAGES, TEST_LABELS, read_idx, standardize, to_unit
 from mnistlab.export import export_onnx, first_test_images
 from mnistlab.files import write_atomic
 from mnistlab.module import load_classifier
 from mnistlab.report import Run, find_runs
+from mnistlab.stress import stress
+
+
+def accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        read = torch.cat([net(standardize(to_unit(batch))).argmax(1) for batch in images.split(1000)])
+    return float((read == labels).float().mean())
+
+
+def model_name(layers: list) -> str | None:
+    """The conf/model/*.yaml whose layers these are: the released files are named after it."""
+    for path in sorted((PROJECT_ROOT / "conf" / "model").glob("*.yaml")):
+        if list(OmegaConf.load(path).get("layers", [])) == list(layers):
+            return path.stem
+    return None
 
 
 def median_run(runs: list[Run]) -> Run:
@@ -61,6 +76,9 @@ def release(runs_dir: Path, out_dir: Path, name: str) -> dict:
     worst = export_onnx(net, out_dir / f"{name}.onnx", check_images=images)
 
     tests = [r.metrics["test/acc"] for r in runs]
+    data_dir = Path(chosen.config["data"]["data_dir"])
+    images, labels = read_idx(data_dir / TEST_IMAGES), read_idx(data_dir / TEST_LABELS)
+    stressed = [r.metrics["stress/acc"] for r in runs if r.metrics.get("stress/acc") is not None]
     overrides = [o for o in chosen.overrides if not o.startswith("hydra.")]
     info = {
         "command": "python train.py " + " ".join(overrides),
@@ -71,13 +89,19 @@ def release(runs_dir: Path, out_dir: Path, name: str) -> dict:
             "representative of the recipe, chosen without the test set (not the best test run)"
         ),
         "run_dir": str(chosen.path),
-        "metrics": {k: chosen.metrics.get(k) for k in ("test/acc", "test/loss", "val/acc_best", "epochs")},
+        "metrics": {
+            **{k: chosen.metrics.get(k) for k in ("test/acc", "test/loss", "val/acc_best", "epochs")},
+            # measured here on the released network itself, also for runs recorded before stress.py
+            "stress/acc": accuracy(net, stress(images), labels),
+        },
         "all_seeds": {
             "n": len(runs),
             "test/acc mean": statistics.mean(tests),
             "test/acc std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "test/acc min": min(tests),
             "test/acc by seed": {r.metrics["seed"]: r.metrics["test/acc"] for r in runs},
+            "stress/acc by seed": {r.metrics["seed"]: r.metrics.get("stress/acc") for r in runs},
+            "stress/acc mean": statistics.mean(stressed) if stressed else None,
         },
         "params": chosen.metrics.get("params"),
         "model": chosen.config["model"]["layers"],
@@ -93,9 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="the multirun directory of one recipe's seeds")
     parser.add_argument("--out", type=Path, default=Path("weights"))
-    parser.add_argument("--name", default="gap_cnn")
+    parser.add_argument("--name", help="file name of the weights (default: the runs' conf/model name)")
     args = parser.parse_args(argv)
     try:
+        if args.name is None:
+            runs = seeds_of_one_recipe(args.runs)
+            args.name = model_name(runs[0].config["model"]["layers"])
+            if args.name is None:
+                raise MnistlabError("the runs' network is none of conf/model/*.yaml; pass --name NAME")
         info = release(args.runs, args.out, args.name)
     except MnistlabError as e:
         sys.exit(f"error: {e}")

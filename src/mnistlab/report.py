@@ -158,7 +158,7 @@ def build_report(runs: list[Run]) -> str:
             groups.setdefault(run.key, {})[run.config.get("seed")] = run
     header = (
         "| configuration | params | batch | optimizer, LR | scheduler | dropout | augment | split | epochs "
-        "| best val/acc % | test/acc % | train min | n | original README |"
+        "| best val/acc % | test/acc % | stress/acc % | train min | n | original README |"
     )
     lines = [
         "# Experiment report",
@@ -166,7 +166,8 @@ def build_report(runs: list[Run]) -> str:
         "Built by `make report` from the runs under logs/. Accuracy in %; with several seeds of one "
         "configuration (n = distinct seeds; a repeated seed counts once, its latest run): "
         "mean ± sample std (min). test/acc is measured on the checkpoint with the best val/acc "
-        "(the last one when there is no validation set).",
+        "(the last one when there is no validation set); stress/acc on the same checkpoint, on the "
+        "stress test set (the official test digits distorted, src/mnistlab/stress.py).",
         "",
         header,
         "|" + "---|" * (header.count("|") - 1),
@@ -180,10 +181,12 @@ def build_report(runs: list[Run]) -> str:
         minutes = [r.metrics.get("train_seconds", 0) / 60 for r in group]
         val = [r.metrics["val/acc_best"] for r in group if r.metrics.get("val/acc_best") is not None]
         test = [r.metrics["test/acc"] for r in group]
+        stressed = [r.metrics["stress/acc"] for r in group if r.metrics.get("stress/acc") is not None]
         cells = [
             f"`{first.label}`", f"{first.metrics.get('params', 0):,}", d["batch"], d["optimizer"],
             d["scheduler"], d["dropout"], d["augment"], d["split"], str(first.metrics.get("epochs")),
-            _spread(val), _spread(test), f"{statistics.mean(minutes):.1f}", str(len(group)),
+            _spread(val), _spread(test), _spread(stressed), f"{statistics.mean(minutes):.1f}",
+            str(len(group)),
             REFERENCE_RESULTS.get(experiment, ""),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")

@@ -58,6 +58,13 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = (), **overrides
         ) from None
 
 
+def stress_test(trainer: L.Trainer, model: L.LightningModule, data_cfg: DictConfig, ckpt_path=None) -> dict:
+    """`stress/acc` and `stress/loss`: the model tested on the stress test set."""
+    datamodule = instantiate(data_cfg, test_set="stress")
+    (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    return {"stress/acc": metrics["test/acc"], "stress/loss": metrics["test/loss"]}
+
+
 def compile_network(net: torch.nn.Module, device: torch.device) -> None:
     """torch.compile the network in place (its state_dict keeps plain names), where it can be."""
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
@@ -112,6 +119,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         best = next((Path(c.best_model_path) for c in monitored_first if c.best_model_path), None)
         best = run_dir / "checkpoints" / best.name if best else None  # a moved run's files moved too
         (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        test |= stress_test(trainer, model, cfg.data, ckpt_path=best)
     except MnistlabError as e:
         record.end("failed", error=str(e))
         raise
@@ -125,7 +133,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     record.end(
         "ok",
         epochs=trainer.current_epoch,
-        **{"test/acc": test["test/acc"], "test/loss": test["test/loss"]},
+        **{k: test[k] for k in ("test/acc", "test/loss", "stress/acc", "stress/loss")},
         **{"val/acc_best": None if val_best is None else float(val_best)},
         checkpoint=str(best.relative_to(run_dir)) if best else None,
     )
@@ -138,5 +146,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
             # job of a sweep (same process) or the process's exit can beat the writer thread
             logger.finalize("success")
     if trainer.is_global_zero:
-        log.info("test/acc %.4f  test/loss %.4f  (%s)", test["test/acc"], test["test/loss"], best)
+        log.info(
+            "test/acc %.4f  test/loss %.4f  stress/acc %.4f  (%s)",
+            test["test/acc"], test["test/loss"], test["stress/acc"], best,
+        )  # fmt: skip
     return record.metrics

@@ -1,0 +1,67 @@
+"""The stress test set: fixed, seeded distortions of the official test digits, labels intact,
+tested by train.py after every run and by `eval.py stress=true`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from mnistlab.cli import one_line_errors
+from mnistlab.data import standardize, to_unit
+from mnistlab.evaluate import evaluate
+from mnistlab.predict import load_network
+from mnistlab.stress import stress
+
+
+def test_the_stress_set_is_the_same_every_time_and_distorts_every_digit(real_test_digits):
+    images = real_test_digits[0]
+    stressed = stress(images)
+    assert stressed.dtype == torch.uint8 and stressed.shape == images.shape
+    assert torch.equal(stressed, stress(images.clone()))  # fixed seed: same set on every run
+    assert not torch.equal(stressed, stress(images, seed=1))  # another seed (for validation) differs
+    changed = (stressed.float() - images.float()).abs().flatten(1).mean(1) > 5
+    assert changed.all()  # each digit got its own distortion
+    assert not torch.equal(stressed[:20], stress(images[:20])[torch.randperm(20)])
+
+
+def test_stressed_digits_keep_their_labels(real_test_digits):
+    """Mild enough that the released gap_cnn still reads 38 of the first 40 (a 6 does not become
+    a 9, a 1 stays a 1)."""
+    images, labels = real_test_digits
+    net = load_network(
+        None, ROOT / "weights" / "gap_cnn.pt", OmegaConf.load(ROOT / "conf/model/gap_cnn.yaml")
+    )
+    with torch.no_grad():
+        read = net(standardize(to_unit(stress(images)))).argmax(1)
+    assert (read == labels).sum() >= 38
+
+
+def test_train_records_stress_acc_and_eval_stress_true_reproduces_it(
+    finished_run, compose_train, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    recorded = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 <= recorded["stress/acc"] <= 1 and recorded["stress/loss"] > 0
+    del recorded["stress/acc"]  # as a run from before the stress set would be
+    (run_dir / "metrics.json").write_text(json.dumps(recorded))
+    best = run_dir / recorded["checkpoint"]
+    evaluated = one_line_errors(evaluate)(
+        compose_train(f"ckpt_path={best}", "stress=true", config_name="eval")
+    )
+    assert set(evaluated) == {"test/acc", "test/loss", "stress/acc", "stress/loss"}
+    assert evaluated["stress/loss"] != evaluated["test/loss"]  # other images (a debug run: acc near chance)
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert (
+        again["stress/acc"]
+        == pytest.approx(evaluated["stress/acc"])
+        == pytest.approx(json.loads((finished_run[0] / "metrics.json").read_text())["stress/acc"])
+    )
+    assert (
+        json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stress/acc"] == evaluated["stress/acc"]
+    )
