@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mnistlab.report import Run, build_report, find_runs, main
+from mnistlab.report import Run, build_report, find_runs, main, plot_pareto
 
 
 def run(seed: int, test_acc: float, val_acc: float, lr: float = 0.05, ema: bool = False) -> Run:
@@ -76,3 +76,16 @@ def test_a_missing_folder_or_a_corrupt_metrics_file_is_one_line_naming_it(tmp_pa
     (tmp_path / "a" / "metrics.json").write_text('{"status": "ok", "test/')  # cut off mid-write
     with pytest.raises(SystemExit, match=f"error: {tmp_path / 'a'} has an unreadable metrics.json"):
         main([str(tmp_path)])
+
+
+def test_the_pareto_plot_has_one_point_per_recipe_with_mean_std_and_params(tmp_path):
+    small = [run(s, acc, 0.98) for s, acc in ((1, 0.985), (2, 0.987), (3, 0.983))]
+    for r in small:
+        r.metrics["params"] = 982
+        r.overrides = [f"seed={r.config['seed']}", "experiment=micro"]
+        r.config["model"] = {"layers": ["conv 1 4", "gap", "linear 4 10"], "dropout": 0.0}
+    big = [run(1, 0.9950, 0.9930), run(2, 0.9940, 0.9920)]
+    points = plot_pareto([*small, *big], tmp_path / "pareto.png")
+    by_label = {label: (params, round(mean, 3), round(std, 3), n) for label, params, mean, std, n in points}
+    assert by_label == {"micro": (982, 98.5, 0.2, 3), "ex17": (19348, 99.45, 0.071, 2)}
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"

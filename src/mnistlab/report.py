@@ -151,11 +151,24 @@ def _describe(config: dict) -> dict[str, str]:
     }
 
 
-def build_report(runs: list[Run]) -> str:
+def recipes(runs: list[Run]) -> list[list[Run]]:
+    """Finished runs grouped by configuration, one run per seed (a repeated seed: its latest run)."""
     groups: dict[str, dict] = {}
-    for run in runs:  # oldest first: a repeated seed keeps its latest run
+    for run in runs:  # oldest first
         if run.metrics.get("status") == "ok":
             groups.setdefault(run.key, {})[run.config.get("seed")] = run
+    return [list(by_seed.values()) for by_seed in groups.values()]
+
+
+def name_of(group: list[Run]) -> tuple[Run, str | None]:
+    """The run that names a group (started with the fewest overrides: a preset's own command where
+    there is one) and its `experiment=` preset, if any."""
+    first = min(group, key=lambda r: ("experiment=" not in r.label, len(r.label)))
+    experiment = next((o.split("=", 1)[1] for o in first.overrides if o.startswith("experiment=")), None)
+    return first, experiment
+
+
+def build_report(runs: list[Run]) -> str:
     header = (
         "| configuration | params | batch | optimizer, LR | scheduler | dropout | augment | split | epochs "
         "| best val/acc % | test/acc % | stress/acc % | train min | n | original README |"
@@ -172,12 +185,9 @@ def build_report(runs: list[Run]) -> str:
         header,
         "|" + "---|" * (header.count("|") - 1),
     ]
-    for by_seed in groups.values():
-        group = list(by_seed.values())
-        # named by the run started with the fewest overrides: a preset's own command where there is one
-        first = min(group, key=lambda r: ("experiment=" not in r.label, len(r.label)))
+    for group in recipes(runs):
+        first, experiment = name_of(group)
         d = _describe(first.config)
-        experiment = next((o.split("=", 1)[1] for o in first.overrides if o.startswith("experiment=")), None)
         minutes = [r.metrics.get("train_seconds", 0) / 60 for r in group]
         val = [r.metrics["val/acc_best"] for r in group if r.metrics.get("val/acc_best") is not None]
         test = [r.metrics["test/acc"] for r in group]
@@ -224,6 +234,42 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_pareto(runs: list[Run], path: Path) -> list[tuple[str, int, float, float, int]]:
+    """Test accuracy (mean ± std over seeds) against parameter count, one point per recipe, the
+    presets labelled; returns the points as (label, params, mean %, std %, seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for group in recipes(runs):
+        first, experiment = name_of(group)
+        tests = [100 * r.metrics["test/acc"] for r in group]
+        std = statistics.stdev(tests) if len(tests) > 1 else 0.0
+        points.append(
+            (
+                experiment or first.label,
+                first.metrics.get("params", 0),
+                statistics.mean(tests),
+                std,
+                len(tests),
+            )
+        )
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for label, params, mean, std, n in points:
+        ax.errorbar(params, mean, yerr=std, fmt="o", capsize=3, color="C0" if n > 1 else "C7")
+        ax.annotate(f"{label} (n={n})", (params, mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set(xlabel="parameters (log scale)", ylabel="test/acc % (mean ± std over seeds)",
+           title="Accuracy per parameter: every recipe with finished runs")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return points
+
+
 def main(argv: list[str] | None = None) -> None:
     logs = Path((argv or sys.argv[1:] or ["logs"])[0])
     try:
@@ -233,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = [r for r in runs if r.path.relative_to(logs).parts[0] != "debug"]  # checks, not results
     (logs / "report.md").write_text(build_report(runs))
     plot_curves(runs, logs / "report.png")
-    print(f"{len(runs)} runs -> {logs / 'report.md'}, {logs / 'report.png'}")
+    plot_pareto(runs, logs / "pareto.png")
+    print(f"{len(runs)} runs -> {logs / 'report.md'}, {logs / 'report.png'}, {logs / 'pareto.png'}")
 
 
 if __name__ == "__main__":
