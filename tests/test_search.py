@@ -7,9 +7,11 @@ import json
 import optuna
 import pytest
 from hydra import initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import CONF, compose_tiny
 from mnistlab import MnistlabError
+from mnistlab.models import shape_layers
 from mnistlab.search import search
 
 TINY = ["debug=limit", "trainer.limit_train_batches=2"]
@@ -67,3 +69,28 @@ def test_a_trial_the_pruner_rejects_stops_after_that_epoch(compose_train):
     metrics = train(compose_train(*TINY, "trainer.max_epochs=3"), callbacks=[reporter])
     assert reporter.pruned and metrics["epochs"] == 1
     assert list(study.trials[0].intermediate_values) == [0]  # reported for epoch 0 only
+
+
+def test_a_shape_over_the_parameter_cap_is_refused_before_it_trains(tiny_mnist, tmp_path):
+    overrides = ["hparams_search=shape", "hparams_search.max_params=300", "n_trials=3", *TINY]
+    cfg = compose_tiny(tiny_mnist, tmp_path, *overrides, config_name="search")
+    with initialize_config_dir(str(CONF), version_base="1.3"), pytest.raises(MnistlabError, match="no trial"):
+        search(cfg)  # the smallest shape in the space has over 300 parameters
+    assert not list(tmp_path.glob("trial_*/metrics.json"))  # nothing trained
+
+
+def test_a_shape_under_the_cap_trains_the_network_it_describes(tiny_mnist, tmp_path):
+    shape = {"width1": 4, "width2": 6, "width3": 8, "convs1": 1, "convs2": 2, "convs3": 1}
+    fixed = [f"hparams_search.shape.{k}={{type:int,low:{v},high:{v}}}" for k, v in shape.items()]
+    sepconv = "hparams_search.shape.conv={type:categorical,choices:[sepconv]}"
+    overrides = ["hparams_search=shape", "n_trials=1", *fixed, sepconv, *TINY]
+    cfg = compose_tiny(tiny_mnist, tmp_path, *overrides, config_name="search")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        study = search(cfg)
+    (trial,) = study.trials
+    transition = trial.params["shape.transition"]
+    layers = shape_layers([4, 6, 8], [1, 2, 1], "sepconv", transition)
+    trained = OmegaConf.load(tmp_path / "trial_000" / ".hydra" / "config.yaml")
+    assert list(trained.model.layers) == layers
+    metrics = json.loads((tmp_path / "trial_000" / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["params"] == trial.user_attrs["params"] <= 8000

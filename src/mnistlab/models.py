@@ -100,3 +100,23 @@ def build_net(layers: list[str], dropout: float = 0.0, batch_norm: bool = True) 
 
 def count_params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
+
+
+def shape_layers(
+    widths: list[int], convs: list[int], conv: str = "conv", transition: bool = False
+) -> list[str]:
+    """The layers of one gap_cnn-like shape, for architecture search: three stages at 28, 14 and 7
+    pixels with `widths[i]` channels and `convs[i]` 3x3 convs each (`conv` or `sepconv` after the
+    first layer), max-pool and dropout between stages, an optional 1x1 transition opening stages
+    2 and 3 (`conv IN OUT k=1 p=0`), then global average pool and one linear layer."""
+    layers, channels = [f"conv 1 {widths[0]}"], widths[0]
+    for stage, (width, count) in enumerate(zip(widths, convs, strict=True)):
+        if stage:
+            layers += ["maxpool", "dropout"]
+            if transition:
+                layers.append(f"conv {channels} {width} k=1 p=0")
+                channels = width
+        for _ in range(count - (stage == 0)):
+            layers.append(f"{conv} {channels} {width}")
+            channels = width
+    return [*layers, "gap", f"linear {channels} 10"]

@@ -17,7 +17,8 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mnistlab import MnistlabError, as_integer
+from mnistlab import MnistlabError, as_integer, instantiate
+from mnistlab.models import count_params, shape_layers
 from mnistlab.train import train
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,16 @@ def suggest(trial: optuna.Trial, name: str, spec: DictConfig):
     raise MnistlabError(f"hparams_search.params.{name}.type={spec.type!r}; use float, int or categorical")
 
 
+def network_shape(shape: dict) -> dict:
+    """A trial's `shape` values -> the arguments of `models.shape_layers`."""
+    return {
+        "widths": [shape[f"width{i}"] for i in (1, 2, 3)],
+        "convs": [shape[f"convs{i}"] for i in (1, 2, 3)],
+        "conv": shape.get("conv", "conv"),
+        "transition": bool(shape.get("transition", False)),
+    }
+
+
 def search(cfg: DictConfig) -> optuna.Study:
     space = cfg.hparams_search
     if not as_integer(cfg.n_trials) >= 1:
@@ -80,8 +91,23 @@ def search(cfg: DictConfig) -> optuna.Study:
 
     def objective(trial: optuna.Trial) -> float:
         sampled = [f"{name}={suggest(trial, name, spec)}" for name, spec in space.params.items()]
+        if space.get("shape"):
+            shape = {name: suggest(trial, f"shape.{name}", spec) for name, spec in space.shape.items()}
+            layers = shape_layers(**network_shape(shape))
+            sampled.append("model.layers=[" + ",".join(f"'{line}'" for line in layers) + "]")
         trial_dir = study_dir / f"trial_{trial.number:03d}"
         trial_cfg = compose("train", overrides=[*base, *sampled], return_hydra_config=True)
+        if space.get("max_params"):  # over budget: refused before anything trains
+            params = count_params(instantiate(trial_cfg.model))
+            trial.set_user_attr("params", params)
+            if params > space.max_params:
+                log.info(
+                    "trial %d: %d parameters > max_params %d, not trained",
+                    trial.number,
+                    params,
+                    space.max_params,
+                )
+                raise optuna.TrialPruned()
         with open_dict(trial_cfg):
             trial_cfg.hydra.runtime.output_dir = str(trial_dir)
         HydraConfig.instance().set_config(trial_cfg)
