@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import optuna
 import pytest
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
+from optuna.trial import TrialState
 
-from conftest import CONF, compose_tiny
+from conftest import CONF, ROOT, compose_tiny
 from mnistlab import MnistlabError
 from mnistlab.models import shape_layers
 from mnistlab.search import search
@@ -94,3 +97,39 @@ def test_a_shape_under_the_cap_trains_the_network_it_describes(tiny_mnist, tmp_p
     assert list(trained.model.layers) == layers
     metrics = json.loads((tmp_path / "trial_000" / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["params"] == trial.user_attrs["params"] <= 8000
+
+
+def test_two_workers_at_once_finish_one_study_with_exactly_n_trials(tiny_mnist, tmp_path):
+    """Two `search.py` processes on one sqlite study, started together: 5 finished trials in all,
+    each run once, in one worker's directory."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "search.py",
+                "--config-dir",
+                str(tiny_mnist.config_dir),
+                "data=tiny",
+                "hparams_search=dropout_lr",
+                "n_trials=5",
+                f"storage={storage}",
+                *TINY,
+                f"hydra.run.dir={tmp_path / f'worker{i}'}",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    study = optuna.load_study(study_name="dropout_lr", storage=storage)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 5
+    ran = sorted(p.parent.name for p in tmp_path.glob("worker*/trial_*/metrics.json"))
+    assert ran == sorted(f"trial_{t.number:03d}" for t in finished)  # each finished trial ran once
+    unfinished = [t for t in study.trials if t not in finished]
+    assert all(t.user_attrs.get("not_run") for t in unfinished)  # at most the one that lost the race

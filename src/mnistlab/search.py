@@ -8,6 +8,7 @@ per-epoch `val/acc` so a median pruner can stop weak trials early.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -61,19 +62,57 @@ def network_shape(shape: dict) -> dict:
     }
 
 
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+
+
+def run_trials(study: optuna.Study, objective, n_trials: int) -> None:
+    """Trials until the study holds `n_trials` finished ones, with any number of workers (processes,
+    machines) sharing its storage. The storage numbers trials atomically, so a trial goes ahead only
+    if fewer than `n_trials` earlier ones are finished or running; one that lost that race to
+    another worker is closed as failed without running (user attribute `not_run`)."""
+
+    def taken(before: int | None = None) -> int:
+        trials = study.get_trials(deepcopy=False)
+        return sum(t.state in COUNTED and (before is None or t.number < before) for t in trials)
+
+    while taken() < n_trials:
+        trial = study.ask()
+        if taken(before=trial.number) >= n_trials:
+            trial.set_user_attr("not_run", "the study was full")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        except MnistlabError as e:  # this trial's settings failed (diverged, ...): the study goes on
+            log.warning("trial %d failed: %s", trial.number, e)
+            trial.set_user_attr("error", str(e))
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except BaseException:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        else:
+            study.tell(trial, value)
+
+
 def search(cfg: DictConfig) -> optuna.Study:
     space = cfg.hparams_search
     if not as_integer(cfg.n_trials) >= 1:
         raise MnistlabError(f"n_trials={cfg.n_trials!r} is not allowed; use an integer >= 1")
     study_dir = Path(HydraConfig.get().runtime.output_dir)
     base = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(SEARCH_KEYS)]
+    storage = cfg.storage
+    if storage and str(storage).startswith("sqlite"):  # workers sharing the file wait for its lock
+        storage = optuna.storages.RDBStorage(str(storage), engine_kwargs={"connect_args": {"timeout": 60}})
     try:
         study = optuna.create_study(
             study_name=space.study_name,
-            storage=cfg.storage,
+            storage=storage,
             load_if_exists=True,
             direction=space.direction,
-            sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+            # seeded per process: workers sharing a study would otherwise sample the same values
+            sampler=optuna.samplers.TPESampler(seed=cfg.seed if not cfg.storage else cfg.seed + os.getpid()),
             pruner=optuna.pruners.MedianPruner(**space.get("pruner", {})),
         )
     except (ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
@@ -81,13 +120,10 @@ def search(cfg: DictConfig) -> optuna.Study:
             f"storage={cfg.storage} cannot be opened ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
             "pass storage=sqlite:///logs/<study>.db or a PostgreSQL/MySQL URL"
         ) from None
-    done = [
-        t
-        for t in study.trials
-        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    ]
-    remaining = max(cfg.n_trials - len(done), 0)
-    log.info("study %s: %d trials done, %d to run, in %s", space.study_name, len(done), remaining, study_dir)
+    done = sum(t.state in COUNTED[:2] for t in study.get_trials(deepcopy=False))
+    log.info(
+        "study %s: %d of %d trials done; this worker in %s", space.study_name, done, cfg.n_trials, study_dir
+    )
 
     def objective(trial: optuna.Trial) -> float:
         sampled = [f"{name}={suggest(trial, name, spec)}" for name, spec in space.params.items()]
@@ -122,8 +158,7 @@ def search(cfg: DictConfig) -> optuna.Study:
             raise optuna.TrialPruned()
         return metrics[space.metric]
 
-    if remaining:
-        study.optimize(objective, n_trials=remaining, catch=(MnistlabError,))
+    run_trials(study, objective, cfg.n_trials)
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         raise MnistlabError(
             f"no trial of study {space.study_name} finished; see the trial logs in {study_dir}"
