@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 ARGS   ?=
 LOGS   ?= logs
 
-.PHONY: install lock train sweep report release speedrun bench bench-demo demo test test-browser test-all lint tensorboard clean
+.PHONY: install lock train sweep report release speedrun bench bench-demo demo test test-browser test-slurm test-all lint tensorboard clean
 
 ## The locked versions (hash-checked), then this project on top of them without its dependencies.
 $(STAMP): requirements.lock pyproject.toml
@@ -62,16 +62,24 @@ bench-demo: install
 
 ## The fast test suite (offline apart from one MNIST fetch into data/ on first use).
 test: install
-	$(PY) -m pytest -m "not slow and not browser" -q
+	$(PY) -m pytest -m "not slow and not browser and not slurm" -q
 
 ## The demo page driven in a real headless Chromium (Debian's package, installed when missing).
 test-browser: install
 	command -v chromium >/dev/null || scripts/install-chromium.sh
 	$(PY) -m pytest -m browser -q
 
-## Everything, slow tests included.
+## Sweeps and a shared Optuna study on a real one-node SLURM cluster (scripts/slurm-local.sh:
+## installed from Debian when missing, started, and stopped again after the tests).
+test-slurm: install
+	scripts/slurm-local.sh up
+	SLURM_CONF=$${SLURM_LOCAL_DIR:-/tmp/mnistlab-slurm}/slurm.conf $(PY) -m pytest -m slurm -q; \
+		status=$$?; scripts/slurm-local.sh down; exit $$status
+
+## Everything: slow tests, the browser test and the SLURM tests included.
 test-all: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not browser and not slurm"
+	$(MAKE) test-browser test-slurm
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import os
 import shutil
@@ -15,8 +16,9 @@ from pathlib import Path
 import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from mnistlab import PROJECT_ROOT, MnistlabError
@@ -113,6 +115,20 @@ def one_line_errors(task):
         return None
 
     return wrapper
+
+
+class FailedJobRecords(Callback):
+    """At a multirun's end, in the launching process: jobs that ran elsewhere (submitit on SLURM)
+    and failed are known from their `metrics.json`; they join the local ones `launch` names."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        named = {entry.split()[1] for entry in FAILED_JOBS}  # "job N (...)": N is the job's subdir
+        for record in sorted(Path(config.hydra.sweep.dir).glob("*/metrics.json")):
+            run = json.loads(record.read_text())
+            if run.get("status") == "failed" and record.parent.name not in named:
+                overrides = record.parent / ".hydra" / "overrides.yaml"
+                how = ",".join(OmegaConf.load(overrides)) if overrides.is_file() else "no overrides"
+                FAILED_JOBS.append(f"job {record.parent.name} ({how}): {run.get('error')}")
 
 
 def remove_if_rejected() -> None:
