@@ -56,8 +56,9 @@ CONF
         chmod 400 /etc/munge/munge.key
     fi
     mkdir -p /run/munge && chown munge:munge /run/munge 2>/dev/null || true
-    if ! munge -n >/dev/null 2>&1; then
-        runuser -u munge -- munged --pid-file="$STATE/run/munged.pid" 2>/dev/null || munged --force --pid-file="$STATE/run/munged.pid"
+    if ! munge -n >/dev/null 2>&1; then  # munged runs as its own user: its pid file in a folder it owns
+        mkdir -p "$STATE/munge" && chown munge:munge "$STATE/munge"
+        runuser -u munge -- munged --pid-file="$STATE/munge/munged.pid"
     fi
     if [ ! -d "$STATE/mysql" ]; then
         mariadb-install-db --user=root --datadir="$STATE/mysql" --auth-root-authentication-method=normal >"$STATE/log/mysql-install.log" 2>&1
@@ -98,10 +99,10 @@ DBD
 }
 
 down() {
-    for daemon in slurmd slurmctld slurmdbd mariadbd munged; do
-        if [ -s "$STATE/run/$daemon.pid" ]; then
-            kill "$(cat "$STATE/run/$daemon.pid")" 2>/dev/null || true
-            rm -f "$STATE/run/$daemon.pid"
+    for pidfile in "$STATE"/run/{slurmd,slurmctld,slurmdbd,mariadbd}.pid "$STATE/munge/munged.pid"; do
+        if [ -s "$pidfile" ]; then
+            kill "$(cat "$pidfile")" 2>/dev/null || true
+            rm -f "$pidfile"
         fi
     done
     echo "SLURM daemons stopped"
