@@ -21,7 +21,8 @@ from mnistlab.module import load_classifier
 from mnistlab.predict import load_network, predict
 from mnistlab.prepare import load_image, mnist_style
 from mnistlab.release import main as release_main
-from mnistlab.release import model_name, release
+from mnistlab.release import median_run, model_name, release
+from mnistlab.report import Run
 from mnistlab.train import train
 
 GAP_CNN = OmegaConf.load(ROOT / "conf" / "model" / "gap_cnn.yaml")
@@ -211,3 +212,13 @@ def test_the_released_weights_classify_real_test_digits_in_pytorch_and_onnx(real
     assert np.abs(onnx - logits.numpy()).max() < 1e-4
     info = json.loads((ROOT / "weights" / "gap_cnn.json").read_text())
     assert info["params"] == 19_348 and info["command"].startswith("python train.py experiment=best")
+
+
+def test_runs_without_validation_release_their_smallest_seed_never_the_best_test():
+    def record(seed, test_acc, val=None):
+        return Run(Path(str(seed)), {}, [], {"seed": seed, "test/acc": test_acc, "val/acc_best": val})
+
+    trained_on_60k = [record(3, 0.995), record(1, 0.990), record(2, 0.999)]
+    assert median_run(trained_on_60k).metrics["seed"] == 1
+    with_validation = [record(1, 0.99, 0.991), record(2, 0.99, 0.993), record(3, 0.99, 0.992)]
+    assert median_run(with_validation).metrics["seed"] == 3
