@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mnistlab import PROJECT_ROOT, MnistlabError
+from mnistlab.cli import register
 from mnistlab.data import MEAN, STD, TEST_IMAGES, TEST_LABELS, read_idx, standardize, to_unit
 from mnistlab.export import export_onnx, first_test_images
 from mnistlab.files import write_atomic
@@ -68,17 +69,22 @@ def release(runs_dir: Path, out_dir: Path, name: str) -> dict:
     runs = seeds_of_one_recipe(runs_dir)
     chosen = median_run(runs)
     net = load_classifier(chosen.path / chosen.metrics["checkpoint"]).net.eval()
+    # the run's data settings as they resolve here (data_dir is ${paths.data} in a run's config)
+    data_cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(chosen.config).data, resolve=True))
+    check_images = first_test_images(data_cfg, 256)  # fetches the test set if missing: before any file
+    images, labels = (
+        read_idx(Path(data_cfg.data_dir) / TEST_IMAGES),
+        read_idx(Path(data_cfg.data_dir) / TEST_LABELS),
+    )
+    stress_acc = accuracy(net, stress(images), labels)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(net.state_dict(), buffer)
     write_atomic(out_dir / f"{name}.pt", buffer.getvalue())
-
-    images = first_test_images(OmegaConf.create(chosen.config["data"]), 256)
-    worst = export_onnx(net, out_dir / f"{name}.onnx", check_images=images)
+    worst = export_onnx(net, out_dir / f"{name}.onnx", check_images=check_images)
 
     tests = [r.metrics["test/acc"] for r in runs]
-    data_dir = Path(chosen.config["data"]["data_dir"])
-    images, labels = read_idx(data_dir / TEST_IMAGES), read_idx(data_dir / TEST_LABELS)
     stressed = [r.metrics["stress/acc"] for r in runs if r.metrics.get("stress/acc") is not None]
     overrides = [o for o in chosen.overrides if not o.startswith("hydra.")]
     info = {
@@ -96,7 +102,7 @@ def release(runs_dir: Path, out_dir: Path, name: str) -> dict:
         "metrics": {
             **{k: chosen.metrics.get(k) for k in ("test/acc", "test/loss", "val/acc_best", "epochs")},
             # measured here on the released network itself, also for runs recorded before stress.py
-            "stress/acc": accuracy(net, stress(images), labels),
+            "stress/acc": stress_acc,
         },
         "all_seeds": {
             "n": len(runs),
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("weights"))
     parser.add_argument("--name", help="file name of the weights (default: the runs' conf/model name)")
     args = parser.parse_args(argv)
+    register()  # the resolvers a run's config uses (${project_root:} ...)
     try:
         if args.name is None:
             runs = seeds_of_one_recipe(args.runs)
