@@ -14,7 +14,11 @@ DB_PORT=${SLURM_LOCAL_DB_PORT:-3307}
 PACKAGES="slurmctld slurmd slurmdbd slurm-client munge mariadb-server"
 
 up() {
-    if ! command -v slurmctld slurmdbd munged mariadbd >/dev/null; then
+    local missing=0 daemon
+    for daemon in slurmctld slurmd slurmdbd sinfo munged mariadbd; do
+        command -v "$daemon" >/dev/null || missing=1
+    done
+    if [ "$missing" = 1 ]; then
         [ "$(id -u)" = 0 ] || { echo "error: SLURM is missing and installing it needs root; run: sudo $0 up" >&2; exit 1; }
         apt-get update -q
         # shellcheck disable=SC2086
