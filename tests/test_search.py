@@ -132,4 +132,6 @@ def test_two_workers_at_once_finish_one_study_with_exactly_n_trials(tiny_mnist, 
     ran = sorted(p.parent.name for p in tmp_path.glob("worker*/trial_*/metrics.json"))
     assert ran == sorted(f"trial_{t.number:03d}" for t in finished)  # each finished trial ran once
     unfinished = [t for t in study.trials if t not in finished]
-    assert all(t.user_attrs.get("not_run") for t in unfinished)  # at most the one that lost the race
+    assert all(t.user_attrs.get("not_run") for t in unfinished), [  # at most the one that lost the race
+        (t.number, t.state.name, t.user_attrs) for t in unfinished
+    ]

@@ -79,7 +79,7 @@ def register() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-FAILED_JOBS: list[str] = []  # "job N (overrides): why", for the multirun's last line
+FAILED_JOBS: dict[str, str] = {}  # job number (its subdir) -> "(overrides): why", for the last line
 
 
 def one_line_errors(task):
@@ -111,7 +111,7 @@ def one_line_errors(task):
             log.exception("job failed")
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
         job = HydraConfig.get().job
-        FAILED_JOBS.append(f"job {job.num} ({job.override_dirname or 'no overrides'}): {reason}")
+        FAILED_JOBS[str(job.num)] = f"({job.override_dirname or 'no overrides'}): {reason}"
         return None
 
     return wrapper
@@ -122,13 +122,12 @@ class FailedJobRecords(Callback):
     and failed are known from their `metrics.json`; they join the local ones `launch` names."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        named = {entry.split()[1] for entry in FAILED_JOBS}  # "job N (...)": N is the job's subdir
         for record in sorted(Path(config.hydra.sweep.dir).glob("*/metrics.json")):
             run = json.loads(record.read_text())
-            if run.get("status") == "failed" and record.parent.name not in named:
+            if run.get("status") == "failed" and record.parent.name not in FAILED_JOBS:
                 overrides = record.parent / ".hydra" / "overrides.yaml"
                 how = ",".join(OmegaConf.load(overrides)) if overrides.is_file() else "no overrides"
-                FAILED_JOBS.append(f"job {record.parent.name} ({how}): {run.get('error')}")
+                FAILED_JOBS[record.parent.name] = f"({how}): {run.get('error')}"
 
 
 def remove_if_rejected() -> None:
@@ -147,5 +146,6 @@ def launch(main) -> None:
     register()
     main()
     if FAILED_JOBS:
-        print(f"error: {len(FAILED_JOBS)} job(s) failed: " + "; ".join(FAILED_JOBS), file=sys.stderr)
+        failed = "; ".join(f"job {num} {why}" for num, why in FAILED_JOBS.items())
+        print(f"error: {len(FAILED_JOBS)} job(s) failed: {failed}", file=sys.stderr)
         sys.exit(1)

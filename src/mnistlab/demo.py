@@ -19,7 +19,7 @@ from PIL import Image
 from mnistlab import PROJECT_ROOT, MnistlabError
 from mnistlab.data import MEAN, STD
 from mnistlab.predict import load_network
-from mnistlab.prepare import load_image, mnist_style
+from mnistlab.prepare import NoDigit, load_image, mnist_style
 
 EXAMPLES = sorted((PROJECT_ROOT / "docs" / "demo").glob("mnist-test-*.png"))  # real MNIST test digits
 DRAW = "Pick the brush, draw a digit (or upload one), then press Read."
@@ -58,13 +58,10 @@ def reader(models: dict[str, torch.nn.Module]):
             return None, None, BLANK
         try:
             prepared = mnist_style(load_image(image) if isinstance(image, str) else image)
+        except NoDigit:
+            return None, None, BLANK
         except MnistlabError as e:
-            message = str(e)
-            return (
-                None,
-                None,
-                BLANK if "found no digit" in message else message.replace(str(image), "the upload"),
-            )
+            return None, None, str(e).replace(str(image), "the upload")
         net = models.get(model) or next(iter(models.values()))
         with torch.no_grad():
             probabilities = torch.softmax(net(prepared), dim=1)[0]

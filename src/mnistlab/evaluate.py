@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mnistlab import instantiate
-from mnistlab.files import write_atomic
+from mnistlab.files import write_json
 from mnistlab.module import load_classifier
 from mnistlab.train import build_trainer, stress_test
 
@@ -26,6 +26,6 @@ def evaluate(cfg: DictConfig) -> dict:
         if run.get("checkpoint") and record.parent / run["checkpoint"] == checkpoint:
             # the checkpoint its run was tested on: the run's record gains the stress figures
             stressed = {k: v for k, v in metrics.items() if k.startswith("stress/")}
-            write_atomic(record, (json.dumps(run | stressed, indent=2) + "\n").encode())
+            write_json(record, run | stressed)
     print(json.dumps({"ckpt_path": str(cfg.ckpt_path), **metrics}))
     return metrics

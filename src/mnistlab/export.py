@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mnistlab import MnistlabError, instantiate
-from mnistlab.data import standardize, to_unit
+from mnistlab.data import Split, standardize, to_unit
 from mnistlab.module import load_classifier
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,17 @@ def check_against_torch(net: nn.Module, path: str | Path, images: torch.Tensor, 
     return worst
 
 
-def first_test_images(data_cfg, count: int) -> torch.Tensor:
-    """The first `count` official test images, normalised as the network takes them."""
+def official_test_set(data_cfg) -> Split:
+    """The official test images (uint8) and labels, fetched and verified as training does."""
     datamodule = instantiate(data_cfg)
     datamodule.prepare_data()
     datamodule.setup("test")
-    return standardize(to_unit(datamodule.test_set.images[:count]))
+    return datamodule.test_set
+
+
+def first_test_images(data_cfg, count: int) -> torch.Tensor:
+    """The first `count` official test images, normalised as the network takes them."""
+    return standardize(to_unit(official_test_set(data_cfg).images[:count]))
 
 
 def output_path(ckpt_path: str | Path, output: str | None, overwrite: bool) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -18,6 +19,11 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from mnistlab import MnistlabError
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """`data` as indented JSON with a final newline, written atomically (run records, release info)."""
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

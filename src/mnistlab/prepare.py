@@ -28,6 +28,13 @@ WORKING_SIDE = 160  # larger pictures are reduced to this first: plenty for a 20
 MAX_PIXELS = 50_000_000  # a 7,000 x 7,000 scan; larger is refused before it is decoded
 
 
+class NoDigit(MnistlabError):
+    """The picture holds no ink to read: blank, or paper with nothing on it."""
+
+    def __init__(self):
+        super().__init__("found no digit in the image (it is blank); draw or pass an image with one digit")
+
+
 def load_image(path: str | Path) -> Image.Image:
     """The still image in a file, alpha kept; an animation or a non-image is a one-line error."""
     path = Path(path)
@@ -127,7 +134,7 @@ def mnist_style(image: Image.Image) -> torch.Tensor:
     if min(pixels.shape) >= 56:  # isolated noisy pixels out; MNIST-sized strokes are left alone
         ink = np.asarray(Image.fromarray(ink).filter(ImageFilter.MedianFilter(3)), np.float32)
     if ink.max() < 0.08:
-        raise MnistlabError("found no digit in the image (it is blank); draw or pass an image with one digit")
+        raise NoDigit
     ink = np.clip(ink / np.percentile(ink[ink > 0], 99), 0, 1)  # full contrast, as MNIST's strokes
     rows, cols = np.where((ink > 0.3).any(1))[0], np.where((ink > 0.3).any(0))[0]
     digit = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -139,7 +146,7 @@ def mnist_style(image: Image.Image) -> torch.Tensor:
     ys, xs = np.mgrid[: digit.shape[0], : digit.shape[1]]
     mass = digit.sum()
     if mass == 0:
-        raise MnistlabError("found no digit in the image (it is blank); draw or pass an image with one digit")
+        raise NoDigit
     cy, cx = (ys * digit).sum() / mass, (xs * digit).sum() / mass
     top, left = int(round(14 - cy)), int(round(14 - cx))  # MNIST's mean centre of mass: (14.0, 14.0)
     top, left = min(max(top, 0), 28 - digit.shape[0]), min(max(left, 0), 28 - digit.shape[1])

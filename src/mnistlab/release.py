@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -21,9 +20,9 @@ from omegaconf import OmegaConf
 
 from mnistlab import PROJECT_ROOT, MnistlabError
 from mnistlab.cli import register
-from mnistlab.data import MEAN, STD, TEST_IMAGES, TEST_LABELS, read_idx, standardize, to_unit
-from mnistlab.export import export_onnx, first_test_images
-from mnistlab.files import write_atomic
+from mnistlab.data import MEAN, STD, standardize, to_unit
+from mnistlab.export import export_onnx, official_test_set
+from mnistlab.files import write_atomic, write_json
 from mnistlab.module import load_classifier
 from mnistlab.report import Run, find_runs
 from mnistlab.stress import stress
@@ -71,18 +70,14 @@ def release(runs_dir: Path, out_dir: Path, name: str) -> dict:
     net = load_classifier(chosen.path / chosen.metrics["checkpoint"]).net.eval()
     # the run's data settings as they resolve here (data_dir is ${paths.data} in a run's config)
     data_cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(chosen.config).data, resolve=True))
-    check_images = first_test_images(data_cfg, 256)  # fetches the test set if missing: before any file
-    images, labels = (
-        read_idx(Path(data_cfg.data_dir) / TEST_IMAGES),
-        read_idx(Path(data_cfg.data_dir) / TEST_LABELS),
-    )
-    stress_acc = accuracy(net, stress(images), labels)
+    test = official_test_set(data_cfg)  # fetched if missing: before any file is written
+    stress_acc = accuracy(net, stress(test.images), test.labels)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(net.state_dict(), buffer)
     write_atomic(out_dir / f"{name}.pt", buffer.getvalue())
-    worst = export_onnx(net, out_dir / f"{name}.onnx", check_images=check_images)
+    worst = export_onnx(net, out_dir / f"{name}.onnx", check_images=standardize(to_unit(test.images[:256])))
 
     tests = [r.metrics["test/acc"] for r in runs]
     stressed = [r.metrics["stress/acc"] for r in runs if r.metrics.get("stress/acc") is not None]
@@ -119,7 +114,7 @@ def release(runs_dir: Path, out_dir: Path, name: str) -> dict:
         "output": "[N, 10] logits",
         "onnx_max_abs_diff": worst,
     }
-    write_atomic(out_dir / f"{name}.json", (json.dumps(info, indent=2) + "\n").encode())
+    write_json(out_dir / f"{name}.json", info)
     return info
 
 

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mnistlab import MnistlabError
-from mnistlab.files import write_atomic
+from mnistlab.files import write_json
 
 
 @cache  # the code a process runs is what it imported: later jobs of a sweep keep the first answer
@@ -55,7 +55,7 @@ class RunRecord(L.Callback):
 
     def save(self) -> None:
         if self.writes:
-            write_atomic(self.path, (json.dumps(self.metrics, indent=2) + "\n").encode())
+            write_json(self.path, self.metrics)
 
     def on_train_start(self, trainer, module):
         self.clock = time.perf_counter()

@@ -62,7 +62,8 @@ def network_shape(shape: dict) -> dict:
     }
 
 
-COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+COUNTED = (*FINISHED, optuna.trial.TrialState.RUNNING)  # finished, or taking a place now
 
 
 def run_trials(study: optuna.Study, objective, n_trials: int) -> None:
@@ -120,7 +121,7 @@ def search(cfg: DictConfig) -> optuna.Study:
             f"storage={cfg.storage} cannot be opened ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
             "pass storage=sqlite:///logs/<study>.db or a PostgreSQL/MySQL URL"
         ) from None
-    done = sum(t.state in COUNTED[:2] for t in study.get_trials(deepcopy=False))
+    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     log.info(
         "study %s: %d of %d trials done; this worker in %s", space.study_name, done, cfg.n_trials, study_dir
     )
