@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -133,6 +134,31 @@ def real_test_digits():
 
     ensure_files(ROOT / "data", MNIST_MD5)
     return read_idx(ROOT / "data" / TEST_IMAGES)[:40], read_idx(ROOT / "data" / TEST_LABELS)[:40]
+
+
+# What makes two processes of 50 take exactly the steps of one process of 100: no BatchNorm
+# (on CPU each DDP process normalises by its own half batch; SyncBatchNorm needs GPUs), no
+# random draws inside a batch (dropout, augmentation) that the two layouts would split, and a
+# net that learns the tiny digits in a few steps without BatchNorm (a stalled deep one makes
+# Adam amplify float rounding, its steps being the gradient over its own size).
+SAME_STEPS = [
+    "model.batch_norm=false", "model.dropout=0", "data.augment=none",
+    "model.layers=['conv 1 8','maxpool','flatten','linear 1568 10']",
+]  # fmt: skip
+DDP_ON_CPU = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+
+
+def assert_same_training(one: Path, other: Path) -> None:
+    """The two run directories hold the same final weights (to float rounding) and figures."""
+    a, b = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True) for run in (one, other))
+    assert a["global_step"] == b["global_step"] > 0
+    for key, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+    ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (one, other))
+    assert ma["status"] == mb["status"] == "ok" and ma["epochs"] == mb["epochs"]
+    for key in ["val/acc_best", "test/acc"]:
+        assert ma[key] == mb[key], key
+    assert abs(ma["test/loss"] - mb["test/loss"]) < 1e-4
 
 
 def run_script(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import lightning as L
 
@@ -19,3 +20,18 @@ class SignalAtEpochStart(L.Callback):
 
 
 signal_module = signal
+
+
+class PauseAtEpochStart(L.Callback):
+    """Waits (up to `seconds`) as epoch `epoch` starts, after writing `marker`: a job held still
+    at a known point, for a scheduler to cancel. A SIGTERM ends the wait."""
+
+    def __init__(self, epoch: int, marker: str, seconds: float = 120):
+        self.epoch, self.marker, self.seconds = epoch, marker, seconds
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            open(self.marker, "w").close()
+            deadline = time.monotonic() + self.seconds
+            while time.monotonic() < deadline and not trainer.received_sigterm:
+                time.sleep(0.2)

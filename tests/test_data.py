@@ -265,7 +265,9 @@ def test_each_epoch_is_a_new_permutation_and_ddp_shares_are_disjoint_and_equal()
     assert sorted(first.tolist()) == list(range(10)) and not torch.equal(first, second)
     assert len(batches) == 3 and all(torch.equal(images[:, 0, 0], labels) for images, labels in batches)
     shares = []
-    for rank in (0, 1):  # both processes draw the same permutation from the same seed
-        torch.manual_seed(1)
-        shares.append(torch.cat([labels for _, labels in data.ShuffledBatches(split, 2, True, rank, 2)]))
+    for rank in (0, 1):  # whatever else each process drew, the seed and epoch fix the permutation
+        torch.manual_seed(rank)
+        shares.append(torch.cat([labels for _, labels in data.ShuffledBatches(split, 2, True, rank, 2, 7)]))
+    whole = torch.cat([labels for _, labels in data.ShuffledBatches(split, 4, True, seed=7)])
+    assert torch.equal(torch.stack(shares, 1).flatten(), whole[:10])  # one process's order, dealt in two
     assert len(shares[0]) == len(shares[1]) == 5 and not set(shares[0].tolist()) & set(shares[1].tolist())

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import DDP_ON_CPU, ROOT, SAME_STEPS, assert_same_training
 from mnistlab import MnistlabError
 from mnistlab.train import train as train_task
 
@@ -120,6 +120,16 @@ def test_two_process_ddp_on_cpu_writes_one_run_directory(tiny_mnist, tmp_path):
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) >= 1
     epoch_lines = [line for line in (tmp_path / "train.log").read_text().splitlines() if "] - epoch " in line]
     assert len(epoch_lines) == 3  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_takes_the_steps_of_one_process_with_their_global_batch(tiny_mnist, tmp_path):
+    """2 x 50 images per step under DDP, 100 in one process: the same permutation split in two,
+    gradients averaged over the processes, so the same weights after 12 steps."""
+    assert train(tiny_mnist, tmp_path / "one", *SAME_STEPS).returncode == 0
+    result = train(tiny_mnist, tmp_path / "ddp", *SAME_STEPS, *DDP_ON_CPU, "data.batch_size=50")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_training(tmp_path / "one", tmp_path / "ddp")
 
 
 @pytest.mark.slow

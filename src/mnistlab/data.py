@@ -166,24 +166,52 @@ class Split:
 class ShuffledBatches:
     """Batches of (images, labels) as index slices of two tensors, on whatever device they are.
 
-    With `shuffle`, each pass draws one `randperm` on that device. Under DDP each process takes
-    every `world_size`-th index from `rank`, an equal share of the same permutation (all
-    processes share the random seed), so the shares are disjoint and together cover the set."""
+    With `shuffle`, each epoch is one `randperm` drawn from its own generator, seeded by `seed`
+    and the epoch number: the order does not depend on what else drew random numbers before, so
+    every DDP process and a resumed run draw the permutation of one uninterrupted process.
+    `position()` gives (epoch, batches of it already trained), the trainer's; a pass starts
+    after those. Without it, passes are counted from epoch 0.
+    Under DDP each process takes every `world_size`-th index from `rank`, an equal share of that
+    permutation, so the shares are disjoint and together are the one process's batches."""
 
-    def __init__(self, split: Split, batch_size: int, shuffle: bool, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        shuffle: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        position: Callable[[], tuple[int, int]] | None = None,
+    ):
         self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.seed, self.position = rank, world_size, seed, position
+        self.passes = 0
         # training shares must be equal, or one process would wait for a step the others never take
         self.size = len(split) // world_size if shuffle else len(range(rank, len(split), world_size))
 
     def __len__(self) -> int:
         return -(-self.size // self.batch_size)
 
+    # Lightning asks a loader for these to know it can resume mid-epoch; the position they would
+    # hold is already in the checkpoint, as the trainer's own counters.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def __iter__(self):
         n, device = len(self.split), self.split.labels.device
-        order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)
+        epoch, done = self.position() if self.position else (self.passes, 0)
+        self.passes += 1
+        if self.shuffle:  # no two (seed, epoch) pairs below 10,000 epochs share a generator seed
+            generator = torch.Generator(device).manual_seed(self.seed * 10_000 + epoch)
+            order = torch.randperm(n, device=device, generator=generator)
+        else:
+            order, done = torch.arange(n, device=device), 0
         order = order[self.rank :: self.world_size][: self.size]
-        for start in range(0, self.size, self.batch_size):
+        for start in range(done * self.batch_size, self.size, self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.split.images[index], self.split.labels[index]
 
@@ -211,6 +239,7 @@ class MNISTDataModule(L.LightningDataModule):
         augment: str = "rotate_shift",
         test_set: str = "official",
         checksums: Mapping[str, str] | None = None,
+        shuffle_seed: int = 0,
     ):
         super().__init__()
         checks = {
@@ -236,7 +265,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.train_size, self.val_size, self.split_seed = train_size, val_size, split_seed
-        self.augment = augment
+        self.augment, self.shuffle_seed = augment, shuffle_seed
         self.checksums = dict(checksums or MNIST_MD5)
 
     def prepare_data(self) -> None:
@@ -268,7 +297,15 @@ class MNISTDataModule(L.LightningDataModule):
 
     def _batches(self, split: Split, shuffle: bool) -> ShuffledBatches:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return ShuffledBatches(split, self.batch_size, shuffle, rank, world)
+        position = self._position if self.trainer else None
+        return ShuffledBatches(split, self.batch_size, shuffle, rank, world, self.shuffle_seed, position)
+
+    def _position(self) -> tuple[int, int]:
+        """The epoch being run and how many of its batches are trained: a run resumed from a
+        checkpoint saved mid-epoch (SIGTERM) goes on with that epoch's next batch."""
+        trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return trainer.current_epoch, done if done < trainer.num_training_batches else 0
 
     def train_dataloader(self) -> ShuffledBatches:
         return self._batches(self.train_set, shuffle=True)

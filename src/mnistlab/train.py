@@ -97,7 +97,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("run directory: %s\n%s", run_dir, chosen_config(cfg))
     L.seed_everything(seed, workers=True, verbose=False)  # the printed config shows it
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, shuffle_seed=seed)  # the run's seed orders its batches
     model = Classifier(cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing)
     epochs, batches = cfg.trainer.max_epochs, cfg.trainer.get("limit_train_batches")
     if not as_integer(epochs) >= 1:
