@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mnistlab.stress import distort
+
 # name -> (max rotation in degrees, max shift as a fraction of the side, zoom probability, zoom)
 AUGMENTATIONS: dict[str, tuple[float, float, float, float] | None] = {
     # Rotation up to 10 degrees and shift up to 10% each way: the original project's documented
@@ -22,6 +24,9 @@ AUGMENTATIONS: dict[str, tuple[float, float, float, float] | None] = {
     "rotate_zoom": (15.0, 0.0, 0.1, 22 / 28),
     "none": None,
 }
+# Not an affine map: the stress test set's kind of distortion (stress.py: rotation, zoom, shift,
+# elastic warp, thicker or thinner strokes), drawn afresh for every image of every batch.
+AUGMENTATIONS["distort"] = None
 
 
 def random_affine(
@@ -56,5 +61,7 @@ def random_affine(
 
 def augment(images: torch.Tensor, name: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Apply the named pipeline of `AUGMENTATIONS` to a float batch in [0, 1]."""
+    if name == "distort":
+        return distort(images, generator)
     params = AUGMENTATIONS[name]
     return images if params is None else random_affine(images, *params, generator=generator)

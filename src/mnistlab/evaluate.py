@@ -25,7 +25,7 @@ def evaluate(cfg: DictConfig) -> dict:
         run = json.loads(record.read_text()) if record.is_file() else {}
         if run.get("checkpoint") and record.parent / run["checkpoint"] == checkpoint:
             # the checkpoint its run was tested on: the run's record gains the stress figures
-            stressed = {k: v for k, v in metrics.items() if k.startswith("stress/")}
+            stressed = {k: v for k, v in metrics.items() if k.startswith(("stress/", "stress_val/"))}
             write_json(record, run | stressed)
     print(json.dumps({"ckpt_path": str(cfg.ckpt_path), **metrics}))
     return metrics

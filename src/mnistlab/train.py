@@ -59,10 +59,14 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = (), **overrides
 
 
 def stress_test(trainer: L.Trainer, model: L.LightningModule, data_cfg: DictConfig, ckpt_path=None) -> dict:
-    """`stress/acc` and `stress/loss`: the model tested on the stress test set."""
-    datamodule = instantiate(data_cfg, test_set="stress")
-    (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-    return {"stress/acc": metrics["test/acc"], "stress/loss": metrics["test/loss"]}
+    """`stress/acc` and `stress/loss`: the model tested on the stress test set; with a
+    validation split, also `stress_val/acc` on its stressed copy, the figure to choose by."""
+    results = {}
+    for name in ("stress", "stress_val") if data_cfg.val_size else ("stress",):
+        datamodule = instantiate(data_cfg, test_set=name)
+        (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        results |= {f"{name}/acc": metrics["test/acc"], f"{name}/loss": metrics["test/loss"]}
+    return results
 
 
 def compile_network(net: torch.nn.Module, device: torch.device) -> None:
@@ -133,7 +137,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     record.end(
         "ok",
         epochs=trainer.current_epoch,
-        **{k: test[k] for k in ("test/acc", "test/loss", "stress/acc", "stress/loss")},
+        **{k: v for k, v in test.items() if k.split("/")[0] in ("test", "stress", "stress_val")},
         **{"val/acc_best": None if val_best is None else float(val_best)},
         checkpoint=str(best.relative_to(run_dir)) if best else None,
     )
@@ -147,7 +151,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
             logger.finalize("success")
     if trainer.is_global_zero:
         log.info(
-            "test/acc %.4f  test/loss %.4f  stress/acc %.4f  (%s)",
-            test["test/acc"], test["test/loss"], test["stress/acc"], best,
+            "test/acc %.4f  test/loss %.4f  stress/acc %.4f%s  (%s)",
+            test["test/acc"], test["test/loss"], test["stress/acc"],
+            f"  stress_val/acc {test['stress_val/acc']:.4f}" if "stress_val/acc" in test else "", best,
         )  # fmt: skip
     return record.metrics
