@@ -131,7 +131,7 @@ def test_split_larger_than_the_training_set_is_refused(tiny_mnist):
 
 
 def test_unknown_augmentation_lists_the_known_ones(tiny_mnist):
-    with pytest.raises(MnistlabError, match="rotate_shift, rotate_zoom, none"):
+    with pytest.raises(MnistlabError, match="rotate_shift, rotate_zoom, distort, none"):
         MNISTDataModule(augment="sideways")
 
 
@@ -152,10 +152,11 @@ class SeenBatches(L.Callback):
         self.seen.setdefault("test", batch)
 
 
-def test_val_and_test_images_are_never_augmented_and_train_images_are(tiny_mnist):
+@pytest.mark.parametrize("augment", ["rotate_shift", "distort"])
+def test_val_and_test_images_are_never_augmented_and_train_images_are(tiny_mnist, augment):
     from mnistlab.module import Classifier
 
-    dm = make_datamodule(tiny_mnist, augment="rotate_shift")
+    dm = make_datamodule(tiny_mnist, augment=augment)
     model = Classifier(
         {"_target_": "mnistlab.models.build_net", "layers": ["flatten", "linear 784 10"]},
         {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01},

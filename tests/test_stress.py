@@ -15,7 +15,7 @@ from mnistlab.cli import one_line_errors
 from mnistlab.data import standardize, to_unit
 from mnistlab.evaluate import evaluate
 from mnistlab.predict import load_network
-from mnistlab.stress import stress
+from mnistlab.stress import SEED, stress
 
 
 def test_the_stress_set_is_the_same_every_time_and_distorts_every_digit(real_test_digits):
@@ -54,7 +54,7 @@ def test_train_records_stress_acc_and_eval_stress_true_reproduces_it(
     evaluated = one_line_errors(evaluate)(
         compose_train(f"ckpt_path={best}", "stress=true", config_name="eval")
     )
-    assert set(evaluated) == {"test/acc", "test/loss", "stress/acc", "stress/loss"}
+    assert set(evaluated) == {f"{s}/{m}" for s in ("test", "stress", "stress_val") for m in ("acc", "loss")}
     assert evaluated["stress/loss"] != evaluated["test/loss"]  # other images (a debug run: acc near chance)
     again = json.loads((run_dir / "metrics.json").read_text())
     assert (
@@ -62,6 +62,22 @@ def test_train_records_stress_acc_and_eval_stress_true_reproduces_it(
         == pytest.approx(evaluated["stress/acc"])
         == pytest.approx(json.loads((finished_run[0] / "metrics.json").read_text())["stress/acc"])
     )
+    assert again["stress_val/acc"] == pytest.approx(recorded["stress_val/acc"])
     assert (
         json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stress/acc"] == evaluated["stress/acc"]
     )
+
+
+def test_the_stressed_validation_copy_is_the_validation_split_distorted_with_its_own_seed(tiny_mnist):
+    """What a recipe is chosen by: the validation digits and labels, under another seed than the
+    stress test set's, so choosing never looks at the set that is reported."""
+    from mnistlab.data import MNISTDataModule
+    from mnistlab.stress import VAL_SEED
+
+    options = {"data_dir": str(tiny_mnist.data_dir), "checksums": tiny_mnist.checksums, "train_size": 1000,
+               "val_size": 200}  # fmt: skip
+    plain, stressed = MNISTDataModule(**options), MNISTDataModule(**options, test_set="stress_val")
+    plain.setup(), stressed.setup()
+    assert torch.equal(stressed.test_set.labels, plain.val_set.labels)
+    assert torch.equal(stressed.test_set.images, stress(plain.val_set.images, seed=VAL_SEED))
+    assert VAL_SEED != SEED

@@ -22,11 +22,11 @@ AUGMENTATIONS: dict[str, tuple[float, float, float, float] | None] = {
     # Rotation up to 15 degrees and, for one image in ten, a zoom into the central 22 px: what the
     # original notebooks ran, p=0.1 CenterCrop(22) + Resize(28), RandomRotation(15).
     "rotate_zoom": (15.0, 0.0, 0.1, 22 / 28),
+    # Not an affine map: the stress test set's kind of distortion (stress.py: rotation, zoom,
+    # shift, elastic warp, thicker or thinner strokes), drawn afresh for every image of a batch.
+    "distort": None,
     "none": None,
 }
-# Not an affine map: the stress test set's kind of distortion (stress.py: rotation, zoom, shift,
-# elastic warp, thicker or thinner strokes), drawn afresh for every image of every batch.
-AUGMENTATIONS["distort"] = None
 
 
 def random_affine(
