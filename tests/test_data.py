@@ -131,7 +131,7 @@ def test_split_larger_than_the_training_set_is_refused(tiny_mnist):
 
 
 def test_unknown_augmentation_lists_the_known_ones(tiny_mnist):
-    with pytest.raises(MnistlabError, match="rotate_shift, rotate_zoom, distort, none"):
+    with pytest.raises(MnistlabError, match="rotate_shift, rotate_zoom, distort, half_distort, none"):
         MNISTDataModule(augment="sideways")
 
 
@@ -152,7 +152,7 @@ class SeenBatches(L.Callback):
         self.seen.setdefault("test", batch)
 
 
-@pytest.mark.parametrize("augment", ["rotate_shift", "distort"])
+@pytest.mark.parametrize("augment", ["rotate_shift", "distort", "half_distort"])
 def test_val_and_test_images_are_never_augmented_and_train_images_are(tiny_mnist, augment):
     from mnistlab.module import Classifier
 
