@@ -85,7 +85,14 @@ def test_the_pareto_plot_has_one_point_per_recipe_with_mean_std_and_params(tmp_p
         r.overrides = [f"seed={r.config['seed']}", "experiment=micro"]
         r.config["model"] = {"layers": ["conv 1 4", "gap", "linear 4 10"], "dropout": 0.0}
     big = [run(1, 0.9950, 0.9930), run(2, 0.9940, 0.9920)]
-    points = plot_pareto([*small, *big], tmp_path / "pareto.png")
+    changed = run(1, 0.9900, 0.9880)  # a preset with one setting changed is its own point, named so
+    changed.overrides.append("data.augment=none")
+    changed.config["data"] = {**changed.config["data"], "augment": "none"}
+    points = plot_pareto([*small, *big, changed], tmp_path / "pareto.png")
     by_label = {label: (params, round(mean, 3), round(std, 3), n) for label, params, mean, std, n in points}
-    assert by_label == {"micro": (982, 98.5, 0.2, 3), "ex17": (19348, 99.45, 0.071, 2)}
+    assert by_label == {
+        "micro": (982, 98.5, 0.2, 3),
+        "ex17": (19348, 99.45, 0.071, 2),
+        "ex17 data.augment=none": (19348, 99.0, 0.0, 1),
+    }
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"

@@ -35,7 +35,10 @@ NOT_RUN_TRAINER = (
     "trainer.default_root_dir=", "trainer.enable_progress_bar=", "trainer.enable_model_summary=",
     "trainer.enable_autolog_hparams=",
 )  # fmt: skip
-NOT_RECIPE = ("seed=", "hydra.", "data.data_dir=", "paths.", "compile=", "model.compile=", *NOT_RUN_TRAINER)
+NOT_RECIPE = (
+    "seed=", "hydra.", "data.data_dir=", "paths.", "compile=", "model.compile=", "callbacks.pictures=",
+    *NOT_RUN_TRAINER,
+)  # fmt: skip
 CONF = PROJECT_ROOT / "conf"
 
 
@@ -168,6 +171,15 @@ def name_of(group: list[Run]) -> tuple[Run, str | None]:
     return first, experiment
 
 
+def short_name(group: list[Run]) -> str:
+    """A group's name on a plot: its preset and what the runs changed on top of it
+    (`best data.augment=distort`), or all its overrides when it has no preset."""
+    first, experiment = name_of(group)
+    if experiment is None:
+        return first.label
+    return " ".join([experiment, *(o for o in first.label.split(" ") if not o.startswith("experiment="))])
+
+
 def build_report(runs: list[Run]) -> str:
     header = (
         "| configuration | params | batch | optimizer, LR | scheduler | dropout | augment | split | epochs "
@@ -244,13 +256,12 @@ def plot_pareto(runs: list[Run], path: Path) -> list[tuple[str, int, float, floa
 
     points = []
     for group in recipes(runs):
-        first, experiment = name_of(group)
         tests = [100 * r.metrics["test/acc"] for r in group]
         std = statistics.stdev(tests) if len(tests) > 1 else 0.0
         points.append(
             (
-                experiment or first.label,
-                first.metrics.get("params", 0),
+                short_name(group),
+                group[0].metrics.get("params", 0),
                 statistics.mean(tests),
                 std,
                 len(tests),
