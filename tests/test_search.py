@@ -74,12 +74,37 @@ def test_a_trial_the_pruner_rejects_stops_after_that_epoch(compose_train):
     assert list(study.trials[0].intermediate_values) == [0]  # reported for epoch 0 only
 
 
-def test_a_shape_over_the_parameter_cap_is_refused_before_it_trains(tiny_mnist, tmp_path):
+def test_a_space_whose_smallest_shape_is_over_the_cap_is_refused_before_any_trial(tiny_mnist, tmp_path):
     overrides = ["hparams_search=shape", "hparams_search.max_params=300", "n_trials=3", *TINY]
     cfg = compose_tiny(tiny_mnist, tmp_path, *overrides, config_name="search")
-    with initialize_config_dir(str(CONF), version_base="1.3"), pytest.raises(MnistlabError, match="no trial"):
-        search(cfg)  # the smallest shape in the space has over 300 parameters
-    assert not list(tmp_path.glob("trial_*/metrics.json"))  # nothing trained
+    message = "the smallest shape of hparams_search.shape has 328 parameters, over max_params 300; raise"
+    with initialize_config_dir(str(CONF), version_base="1.3"), pytest.raises(MnistlabError, match=message):
+        search(cfg)  # widths 4, 6, 8, one sepconv each, no transition: 328 parameters
+    assert not list(tmp_path.glob("trial_*"))  # nothing trained, no trial started
+
+
+def test_shapes_over_the_cap_are_refused_untrained_and_do_not_take_the_studys_places(tiny_mnist, tmp_path):
+    # widths 4, 6 and 8-32, one sepconv a stage: 328-760 parameters without the 1x1 transitions,
+    # 506-2186 with them; the cap of 700 refuses about half of the shapes
+    fixed = [f"hparams_search.shape.{k}={{type:int,low:{v},high:{v}}}" for k, v in
+             {"width1": 4, "width2": 6, "convs1": 1, "convs2": 1, "convs3": 1}.items()]  # fmt: skip
+    sepconv = "hparams_search.shape.conv={type:categorical,choices:[sepconv]}"
+    overrides = [
+        "hparams_search=shape",
+        "hparams_search.max_params=700",
+        "n_trials=3",
+        *fixed,
+        sepconv,
+        *TINY,
+    ]
+    cfg = compose_tiny(tiny_mnist, tmp_path, *overrides, config_name="search")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        study = search(cfg)
+    refused = [t for t in study.trials if t.user_attrs.get("over_budget")]
+    trained = [t for t in study.trials if not t.user_attrs.get("over_budget")]
+    assert refused and all(t.state == TrialState.PRUNED and t.user_attrs["params"] > 700 for t in refused)
+    assert len(trained) == 3 and all(t.user_attrs["params"] <= 700 for t in trained)
+    assert len(list(tmp_path.glob("trial_*/metrics.json"))) == 3  # only the trained ones wrote a run
 
 
 def test_a_shape_under_the_cap_trains_the_network_it_describes(tiny_mnist, tmp_path):

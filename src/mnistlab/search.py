@@ -7,8 +7,10 @@ per-epoch `val/acc` so a median pruner can stop weak trials early.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -62,8 +64,33 @@ def network_shape(shape: dict) -> dict:
     }
 
 
+def check_some_shape_fits(space: DictConfig, base: list[str]) -> None:
+    """Refuses a search whose smallest shape is over `max_params` (every int at its low end, every
+    categorical choice tried) before any trial: it could only refuse trials forever."""
+    ints = {k: v.low for k, v in space.shape.items() if v.type == "int"}
+    choices = {k: list(v.choices) for k, v in space.shape.items() if v.type == "categorical"}
+    smallest = None
+    for values in itertools.product(*choices.values()):
+        shape = {**ints, **dict(zip(choices, values, strict=True))}
+        layers = ",".join(f"'{line}'" for line in shape_layers(**network_shape(shape)))
+        cfg = compose("train", overrides=[*base, f"model.layers=[{layers}]"])
+        params = count_params(instantiate(cfg.model))
+        smallest = params if smallest is None else min(smallest, params)
+    if smallest > space.max_params:
+        raise MnistlabError(
+            f"the smallest shape of hparams_search.shape has {smallest} parameters, over max_params "
+            f"{space.max_params}; raise hparams_search.max_params or lower the shape's ranges"
+        )
+
+
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 COUNTED = (*FINISHED, optuna.trial.TrialState.RUNNING)  # finished, or taking a place now
+
+
+def counts(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial takes one of the study's `n_trials` places: a shape refused over the
+    parameter cap costs milliseconds and does not, or a tight cap would fill the study with them."""
+    return trial.state in COUNTED and "over_budget" not in trial.user_attrs
 
 
 def run_trials(study: optuna.Study, objective, n_trials: int) -> None:
@@ -74,7 +101,7 @@ def run_trials(study: optuna.Study, objective, n_trials: int) -> None:
 
     def taken(before: int | None = None) -> int:
         trials = study.get_trials(deepcopy=False)
-        return sum(t.state in COUNTED and (before is None or t.number < before) for t in trials)
+        return sum(counts(t) and (before is None or t.number < before) for t in trials)
 
     while taken() < n_trials:
         trial = study.ask()
@@ -97,6 +124,18 @@ def run_trials(study: optuna.Study, objective, n_trials: int) -> None:
             study.tell(trial, value)
 
 
+def sqlite_storage(url: str) -> optuna.storages.RDBStorage:
+    """An sqlite study file that workers share. Two workers started at once on a new file can both
+    try to write its tables; the one that loses finds the file made, so it opens it again."""
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):  # "already exists"
+            if attempt == 2:
+                raise
+            time.sleep(1)
+
+
 def search(cfg: DictConfig) -> optuna.Study:
     space = cfg.hparams_search
     if not as_integer(cfg.n_trials) >= 1:
@@ -105,7 +144,7 @@ def search(cfg: DictConfig) -> optuna.Study:
     base = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(SEARCH_KEYS)]
     storage = cfg.storage
     if storage and str(storage).startswith("sqlite"):  # workers sharing the file wait for its lock
-        storage = optuna.storages.RDBStorage(str(storage), engine_kwargs={"connect_args": {"timeout": 60}})
+        storage = sqlite_storage(str(storage))
     try:
         study = optuna.create_study(
             study_name=space.study_name,
@@ -121,7 +160,9 @@ def search(cfg: DictConfig) -> optuna.Study:
             f"storage={cfg.storage} cannot be opened ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
             "pass storage=sqlite:///logs/<study>.db or a PostgreSQL/MySQL URL"
         ) from None
-    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    if space.get("shape") and space.get("max_params"):
+        check_some_shape_fits(space, base)
+    done = sum(t.state in FINISHED and counts(t) for t in study.get_trials(deepcopy=False))
     log.info(
         "study %s: %d of %d trials done; this worker in %s", space.study_name, done, cfg.n_trials, study_dir
     )
@@ -138,6 +179,7 @@ def search(cfg: DictConfig) -> optuna.Study:
             params = count_params(instantiate(trial_cfg.model))
             trial.set_user_attr("params", params)
             if params > space.max_params:
+                trial.set_user_attr("over_budget", True)
                 log.info(
                     "trial %d: %d parameters > max_params %d, not trained",
                     trial.number,
@@ -165,7 +207,15 @@ def search(cfg: DictConfig) -> optuna.Study:
             f"no trial of study {space.study_name} finished; see the trial logs in {study_dir}"
         )
     best = study.best_trial
-    overrides = " ".join([*base, *(f"{k}={v}" for k, v in best.params.items())])
+    sampled = {k: v for k, v in best.params.items() if not k.startswith("shape.")}
+    if space.get("shape"):  # a shape is not a config key: give the layers it stands for
+        shape = {k.removeprefix("shape."): v for k, v in best.params.items() if k.startswith("shape.")}
+        sampled["model.layers"] = (
+            "[" + ",".join(f"'{line}'" for line in shape_layers(**network_shape(shape))) + "]"
+        )
+    overrides = " ".join(
+        [*base, *(f'"{k}={v}"' if " " in str(v) else f"{k}={v}" for k, v in sampled.items())]
+    )
     print(f"best trial {best.number}: {space.metric} = {best.value:.4f}")
     print(f"python train.py {overrides}")
     return study
