@@ -40,7 +40,7 @@ report: install
 	$(PY) -m mnistlab.report $(LOGS)
 
 ## weights/gap_cnn.{pt,onnx,json} from the median-validation seed of a seed sweep:
-## make release RUNS=logs/multiruns/<date>_<time>_<pid>
+## make release RUNS=logs/multiruns/<date>_<time>_<pid>  (several folders: RUNS="a b", a sweep run in parts)
 release: install
 	$(PY) -m mnistlab.release $(RUNS)
 

@@ -21,7 +21,7 @@ from mnistlab.module import load_classifier
 from mnistlab.predict import load_network, predict
 from mnistlab.prepare import load_image, mnist_style
 from mnistlab.release import main as release_main
-from mnistlab.release import median_run, model_name, release
+from mnistlab.release import median_run, model_name, release, seeds_of_one_recipe
 from mnistlab.report import Run
 from mnistlab.train import train
 
@@ -157,7 +157,7 @@ def test_release_takes_the_median_validation_seed_and_writes_pt_onnx_json(tiny_m
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
         OmegaConf.save(overrides, run_dir / ".hydra" / "overrides.yaml")
         train(cfg)
-    info = release(sweep, weights, "gap_cnn")
+    info = release([sweep], weights, "gap_cnn")
 
     runs = [json.loads((sweep / str(job) / "metrics.json").read_text()) for job in range(3)]
     median = sorted(runs, key=lambda m: (m["val/acc_best"], m["seed"]))[1]
@@ -183,6 +183,28 @@ def test_released_files_are_named_after_the_runs_network():
     for name in ("gap_cnn", "tiny_cnn", "micro_cnn"):
         assert model_name(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml").layers) == name
     assert model_name(["conv 1 10", "gap", "linear 10 10"]) is None
+
+
+def record_run(run_dir: Path, seed: int, dropout: float = 0.1) -> None:
+    """A finished run's records (config, overrides, metrics), without training it."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(
+        {"seed": seed, "model": {**GAP_CNN, "dropout": dropout}}, run_dir / ".hydra" / "config.yaml"
+    )
+    OmegaConf.save([f"seed={seed}", f"model.dropout={dropout}"], run_dir / ".hydra" / "overrides.yaml")
+    metrics = {"status": "ok", "seed": seed, "val/acc_best": 0.99, "test/acc": 0.99, "checkpoint": "x.ckpt"}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_a_seed_sweep_run_in_parts_releases_from_all_its_folders(tmp_path):
+    record_run(tmp_path / "runs" / "a", seed=1)  # `train.py seed=1`, then `train.py -m seed=2,3`
+    for job, seed in enumerate([2, 3]):
+        record_run(tmp_path / "multirun" / str(job), seed=seed)
+    runs = seeds_of_one_recipe([tmp_path / "runs", tmp_path / "multirun"])
+    assert sorted(r.metrics["seed"] for r in runs) == [1, 2, 3]
+    record_run(tmp_path / "other" / "0", seed=4, dropout=0.2)
+    with pytest.raises(MnistlabError, match="more than one configuration"):
+        seeds_of_one_recipe([tmp_path / "runs", tmp_path / "other"])
 
 
 def test_release_refuses_runs_of_more_than_one_recipe(tmp_path):

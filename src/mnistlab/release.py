@@ -1,8 +1,9 @@
 """`make release RUNS=logs/multiruns/<sweep>`: the released weights, from one seed of a recipe.
 
-The runs under RUNS must be one configuration over several seeds (`train.py -m seed=1,2,3,4,5
-experiment=best`). The released seed is the one whose best `val/acc` is the median of them:
-representative of the recipe, and chosen without looking at the test set. Writes
+The runs under RUNS (one folder or several: a sweep run in parts) must be one configuration over
+several seeds (`train.py -m seed=1,2,3,4,5 experiment=best`). The released seed is the one
+whose best `val/acc` is the median of them: representative of the recipe, and chosen without
+looking at the test set. Writes
 `weights/<name>.pt` (the network's state_dict), `weights/<name>.onnx` (checked in onnxruntime
 against PyTorch) and `weights/<name>.json` (command, commit, seed, why, and the metrics).
 """
@@ -52,20 +53,22 @@ def median_run(runs: list[Run]) -> Run:
     return ranked[(len(ranked) - 1) // 2]
 
 
-def seeds_of_one_recipe(runs_dir: Path) -> list[Run]:
-    runs = [r for r in find_runs(runs_dir) if r.metrics.get("status") == "ok"]
+def seeds_of_one_recipe(runs_dirs: list[Path]) -> list[Run]:
+    where = " ".join(map(str, runs_dirs))
+    runs = [r for d in runs_dirs for r in find_runs(d) if r.metrics.get("status") == "ok"]
+    runs.sort(key=lambda r: r.metrics.get("started") or "")
     if not runs:
-        raise MnistlabError(f"no finished runs under {runs_dir}; pass RUNS=<the multirun of the seeds>")
+        raise MnistlabError(f"no finished runs under {where}; pass RUNS=<the multirun of the seeds>")
     if len({r.key for r in runs}) > 1:
         raise MnistlabError(
-            f"the runs under {runs_dir} are more than one configuration; pass RUNS=<one recipe's seeds>"
+            f"the runs under {where} are more than one configuration; pass RUNS=<one recipe's seeds>"
         )
     by_seed = {r.metrics["seed"]: r for r in runs}  # a repeated seed: its latest run
     return list(by_seed.values())
 
 
-def release(runs_dir: Path, out_dir: Path, name: str) -> dict:
-    runs = seeds_of_one_recipe(runs_dir)
+def release(runs_dirs: list[Path], out_dir: Path, name: str) -> dict:
+    runs = seeds_of_one_recipe(runs_dirs)
     chosen = median_run(runs)
     net = load_classifier(chosen.path / chosen.metrics["checkpoint"]).net.eval()
     # the run's data settings as they resolve here (data_dir is ${paths.data} in a run's config)
@@ -120,7 +123,7 @@ def release(runs_dir: Path, out_dir: Path, name: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, help="the multirun directory of one recipe's seeds")
+    parser.add_argument("runs", type=Path, nargs="+", help="the folders of one recipe's seed runs")
     parser.add_argument("--out", type=Path, default=Path("weights"))
     parser.add_argument("--name", help="file name of the weights (default: the runs' conf/model name)")
     args = parser.parse_args(argv)
