@@ -233,7 +233,7 @@ def test_the_released_weights_classify_real_test_digits_in_pytorch_and_onnx(real
     onnx = onnx_logits(ROOT / "weights" / "gap_cnn.onnx", images)
     assert np.abs(onnx - logits.numpy()).max() < 1e-4
     info = json.loads((ROOT / "weights" / "gap_cnn.json").read_text())
-    assert info["params"] == 19_348 and info["command"].startswith("python train.py experiment=best")
+    assert info["params"] == 19_348 and info["command"].startswith("python train.py experiment=robust")
 
 
 def test_runs_without_validation_release_their_smallest_seed_never_the_best_test():
