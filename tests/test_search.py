@@ -107,7 +107,7 @@ def test_shapes_over_the_cap_are_refused_untrained_and_do_not_take_the_studys_pl
     assert len(list(tmp_path.glob("trial_*/metrics.json"))) == 3  # only the trained ones wrote a run
 
 
-def test_a_shape_under_the_cap_trains_the_network_it_describes(tiny_mnist, tmp_path):
+def test_a_shape_under_the_cap_trains_the_network_it_describes(tiny_mnist, tmp_path, capsys):
     shape = {"width1": 4, "width2": 6, "width3": 8, "convs1": 1, "convs2": 2, "convs3": 1}
     fixed = [f"hparams_search.shape.{k}={{type:int,low:{v},high:{v}}}" for k, v in shape.items()]
     sepconv = "hparams_search.shape.conv={type:categorical,choices:[sepconv]}"
@@ -122,6 +122,10 @@ def test_a_shape_under_the_cap_trains_the_network_it_describes(tiny_mnist, tmp_p
     assert list(trained.model.layers) == layers
     metrics = json.loads((tmp_path / "trial_000" / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["params"] == trial.user_attrs["params"] <= 8000
+    # the command printed for the best trial trains that network (a shape is no config key)
+    command = capsys.readouterr().out.strip().splitlines()[-1]
+    assert command.startswith("python train.py") and "shape." not in command
+    assert '"model.layers=[' + ",".join(f"'{line}'" for line in layers) + ']"' in command
 
 
 def test_two_workers_at_once_finish_one_study_with_exactly_n_trials(tiny_mnist, tmp_path):

@@ -64,6 +64,11 @@ def network_shape(shape: dict) -> dict:
     }
 
 
+def layers_override(shape: dict) -> str:
+    """A trial's `shape` values as the train.py override of the network they stand for."""
+    return "model.layers=[" + ",".join(f"'{line}'" for line in shape_layers(**network_shape(shape))) + "]"
+
+
 def check_some_shape_fits(space: DictConfig, base: list[str]) -> None:
     """Refuses a search whose smallest shape is over `max_params` (every int at its low end, every
     categorical choice tried) before any trial: it could only refuse trials forever."""
@@ -72,8 +77,7 @@ def check_some_shape_fits(space: DictConfig, base: list[str]) -> None:
     smallest = None
     for values in itertools.product(*choices.values()):
         shape = {**ints, **dict(zip(choices, values, strict=True))}
-        layers = ",".join(f"'{line}'" for line in shape_layers(**network_shape(shape)))
-        cfg = compose("train", overrides=[*base, f"model.layers=[{layers}]"])
+        cfg = compose("train", overrides=[*base, layers_override(shape)])
         params = count_params(instantiate(cfg.model))
         smallest = params if smallest is None else min(smallest, params)
     if smallest > space.max_params:
@@ -171,8 +175,7 @@ def search(cfg: DictConfig) -> optuna.Study:
         sampled = [f"{name}={suggest(trial, name, spec)}" for name, spec in space.params.items()]
         if space.get("shape"):
             shape = {name: suggest(trial, f"shape.{name}", spec) for name, spec in space.shape.items()}
-            layers = shape_layers(**network_shape(shape))
-            sampled.append("model.layers=[" + ",".join(f"'{line}'" for line in layers) + "]")
+            sampled.append(layers_override(shape))
         trial_dir = study_dir / f"trial_{trial.number:03d}"
         trial_cfg = compose("train", overrides=[*base, *sampled], return_hydra_config=True)
         if space.get("max_params"):  # over budget: refused before anything trains
@@ -207,15 +210,11 @@ def search(cfg: DictConfig) -> optuna.Study:
             f"no trial of study {space.study_name} finished; see the trial logs in {study_dir}"
         )
     best = study.best_trial
-    sampled = {k: v for k, v in best.params.items() if not k.startswith("shape.")}
+    sampled = [f"{k}={v}" for k, v in best.params.items() if not k.startswith("shape.")]
     if space.get("shape"):  # a shape is not a config key: give the layers it stands for
         shape = {k.removeprefix("shape."): v for k, v in best.params.items() if k.startswith("shape.")}
-        sampled["model.layers"] = (
-            "[" + ",".join(f"'{line}'" for line in shape_layers(**network_shape(shape))) + "]"
-        )
-    overrides = " ".join(
-        [*base, *(f'"{k}={v}"' if " " in str(v) else f"{k}={v}" for k, v in sampled.items())]
-    )
+        sampled.append(f'"{layers_override(shape)}"')
+    overrides = " ".join([*base, *sampled])
     print(f"best trial {best.number}: {space.metric} = {best.value:.4f}")
     print(f"python train.py {overrides}")
     return study
