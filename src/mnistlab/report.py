@@ -272,6 +272,8 @@ def plot_pareto(runs: list[Run], path: Path) -> list[tuple[str, int, float, floa
         ax.errorbar(params, mean, yerr=std, fmt="o", capsize=3, color="C0" if n > 1 else "C7")
         ax.annotate(f"{label} (n={n})", (params, mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xscale("log")
+    if points:  # room on the right for the largest network's label
+        ax.set_xlim(min(p[1] for p in points) / 1.5, max(p[1] for p in points) * 4)
     ax.set(xlabel="parameters (log scale)", ylabel="test/acc % (mean ± std over seeds)",
            title="Accuracy per parameter: every recipe with finished runs")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
