@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 
 import pytest
@@ -59,6 +60,8 @@ def test_train_script_writes_metrics_json_with_the_promised_fields(finished_run)
     # the code it ran: this checkout's commit (+dirty while files differ from it)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     assert metrics["commit"].split("+")[0] == head.strip()
+    # and the machine it ran on (here a CPU: its model, its cores, the PyTorch)
+    assert metrics["machine"].endswith(f", {os.cpu_count()} CPUs; torch {torch.__version__}")
 
 
 def test_train_log_keeps_the_model_table_and_one_line_per_epoch(finished_run):

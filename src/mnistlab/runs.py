@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import platform
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -37,6 +39,19 @@ def source_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
+
+
+def machine(device: torch.device) -> str:
+    """What a run's figures were measured on: the GPU's name, or the CPU's model and its cores
+    (a timing or a last digit means little without it), and the PyTorch that ran."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+        name = f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    return f"{name}; torch {torch.__version__}"
 
 
 class RunRecord(L.Callback):

@@ -26,7 +26,7 @@ from mnistlab.cli import lightning_trainer_defaults
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.models import count_params
 from mnistlab.module import Classifier
-from mnistlab.runs import RunRecord, flat_hparams, resume_checkpoint, source_commit
+from mnistlab.runs import RunRecord, flat_hparams, machine, resume_checkpoint, source_commit
 from mnistlab.summary import format_table
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,13 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     if cfg.compile:
         compile_network(model.net, trainer.strategy.root_device)
 
-    record = RunRecord(run_dir, seed=seed, params=count_params(model.net), commit=source_commit())
+    record = RunRecord(
+        run_dir,
+        seed=seed,
+        params=count_params(model.net),
+        commit=source_commit(),
+        machine=machine(trainer.strategy.root_device),
+    )
     trainer.callbacks.append(record)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path)
