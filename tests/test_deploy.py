@@ -209,14 +209,7 @@ def test_a_seed_sweep_run_in_parts_releases_from_all_its_folders(tmp_path):
 
 def test_release_refuses_runs_of_more_than_one_recipe(tmp_path):
     for job, dropout in enumerate([0.1, 0.2]):  # two finished runs' records, differing in dropout
-        run_dir = tmp_path / "sweep" / str(job)
-        (run_dir / ".hydra").mkdir(parents=True)
-        OmegaConf.save(
-            {"seed": 1, "model": {**GAP_CNN, "dropout": dropout}}, run_dir / ".hydra" / "config.yaml"
-        )
-        OmegaConf.save([f"model.dropout={dropout}"], run_dir / ".hydra" / "overrides.yaml")
-        metrics = {"status": "ok", "seed": 1, "val/acc_best": 0.99, "test/acc": 0.99, "checkpoint": "x.ckpt"}
-        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        record_run(tmp_path / "sweep" / str(job), seed=1, dropout=dropout)
     with pytest.raises(SystemExit, match="more than one configuration"):
         release_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()

@@ -67,10 +67,13 @@ class Run:
     metrics: dict
 
     @property
+    def recipe_overrides(self) -> list[str]:
+        """The overrides that make this configuration, without seed and paths, values shortened."""
+        return [_short(o) for o in self.overrides if not o.lstrip("+~").startswith(NOT_RECIPE)]
+
+    @property
     def label(self) -> str:
-        """The overrides that make this configuration, without seed and paths."""
-        kept = [o for o in self.overrides if not o.lstrip("+~").startswith(NOT_RECIPE)]
-        return " ".join(map(_short, kept)) or "default"
+        return " ".join(self.recipe_overrides) or "default"
 
     @property
     def key(self) -> str:
@@ -177,7 +180,7 @@ def short_name(group: list[Run]) -> str:
     first, experiment = name_of(group)
     if experiment is None:
         return first.label
-    return " ".join([experiment, *(o for o in first.label.split(" ") if not o.startswith("experiment="))])
+    return " ".join([experiment, *(o for o in first.recipe_overrides if not o.startswith("experiment="))])
 
 
 def build_report(runs: list[Run]) -> str:

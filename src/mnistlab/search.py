@@ -74,12 +74,14 @@ def check_some_shape_fits(space: DictConfig, base: list[str]) -> None:
     categorical choice tried) before any trial: it could only refuse trials forever."""
     ints = {k: v.low for k, v in space.shape.items() if v.type == "int"}
     choices = {k: list(v.choices) for k, v in space.shape.items() if v.type == "categorical"}
-    smallest = None
-    for values in itertools.product(*choices.values()):
-        shape = {**ints, **dict(zip(choices, values, strict=True))}
-        cfg = compose("train", overrides=[*base, layers_override(shape)])
-        params = count_params(instantiate(cfg.model))
-        smallest = params if smallest is None else min(smallest, params)
+
+    def params(shape: dict) -> int:
+        return count_params(instantiate(compose("train", overrides=[*base, layers_override(shape)]).model))
+
+    smallest = min(
+        params({**ints, **dict(zip(choices, values, strict=True))})
+        for values in itertools.product(*choices.values())
+    )
     if smallest > space.max_params:
         raise MnistlabError(
             f"the smallest shape of hparams_search.shape has {smallest} parameters, over max_params "
