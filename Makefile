@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 ARGS   ?=
 LOGS   ?= logs
 
-.PHONY: install lock train sweep report release speedrun bench bench-demo demo test test-browser test-slurm test-all lint tensorboard clean
+.PHONY: install lock train sweep report release speedrun bench bench-demo demo test test-integration test-browser test-slurm test-all lint tensorboard clean
 
 ## The locked versions (hash-checked), then this project on top of them without its dependencies.
 $(STAMP): requirements.lock pyproject.toml
@@ -60,9 +60,13 @@ demo: install
 bench-demo: install
 	$(PY) -m mnistlab.demo_bench $(ARGS)
 
-## The fast test suite (offline apart from one MNIST fetch into data/ on first use).
+## The fast test suite, in one process (offline apart from one MNIST fetch into data/ on first use).
 test: install
-	$(PY) -m pytest -m "not slow and not browser and not slurm" -q
+	$(PY) -m pytest -m "not slow and not browser and not slurm and not integration" -q
+
+## The tests whose point is a separate process: scripts, sweeps, servers, workers, fetches, notebooks.
+test-integration: install
+	$(PY) -m pytest -m "integration and not slow and not browser and not slurm" -q
 
 ## The demo page driven in a real headless Chromium (Debian's package, installed when missing).
 test-browser: install
