@@ -25,19 +25,22 @@ UV_SOURCES  = $(if $(PIP_MIRRORS)$(PIP_WHEELS),--index-strategy unsafe-first-mat
 	$(foreach url,$(PIP_MIRRORS),--extra-index-url $(url)) $(foreach dir,$(PIP_WHEELS),--find-links $(dir))
 UV_LOCKED   = $(shell sed -n 's/^uv==\([^ ;]*\).*/\1/p' requirements.lock)
 
-# uv (the version the lock holds) from PyPI into .venv, then the lock, hash-checked, for this
-# platform (the lock is universal: its CUDA packages install on Linux only), then this project.
-$(STAMP): requirements.lock pyproject.toml
-	test -x $(UV) || { test -x $(PY) || $(PYTHON) -m venv $(VENV); \
-		$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_LOCKED); }
+# uv, the version the lock holds, from PyPI (or the mirrors) into .venv.
+$(UV):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_LOCKED)
+
+# The lock, hash-checked, for this platform (it is universal: CUDA packages install on Linux
+# only), then this project on top of it without its dependencies.
+$(STAMP): requirements.lock pyproject.toml | $(UV)
 	$(UV) pip sync --quiet --python $(PY) --require-hashes $(UV_SOURCES) requirements.lock
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
-install: $(STAMP) ## .venv with the locked versions (uv; about a minute with a warm cache).
+install: $(STAMP) ## .venv holding exactly the locked versions (uv: under a minute with a warm cache).
 
 # Universal: one file for Linux, macOS and Windows, markers on what only some need (CUDA).
-lock: install ## Refresh requirements.lock from pyproject.toml (and constraints.txt), then install it.
+lock: | $(UV) ## Refresh requirements.lock from pyproject.toml (and constraints.txt), then install it.
 	$(UV) pip compile pyproject.toml --universal --all-extras --group dev --python-version 3.11 \
 		--constraints constraints.txt --generate-hashes --no-emit-package mnistlab --quiet -o requirements.lock
 	$(MAKE) install
