@@ -55,7 +55,6 @@ def test_every_locked_package_is_installed_at_its_locked_version():
 def test_every_direct_import_of_the_package_is_a_declared_dependency():
     """What src/ imports from outside the standard library is in pyproject.toml."""
     import sys
-
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

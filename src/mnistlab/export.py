@@ -8,7 +8,6 @@ real test images and its logits must match PyTorch's to 1e-4.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from mnistlab import MnistlabError, instantiate
 from mnistlab.data import Split, standardize, to_unit
+from mnistlab.files import replacing
 from mnistlab.module import load_classifier
 
 log = logging.getLogger(__name__)
@@ -31,19 +31,12 @@ def export_onnx(net: nn.Module, path: str | Path, check_images: torch.Tensor) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     net = net.eval().cpu()
     example = torch.zeros(2, 1, 28, 28)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         torch.onnx.export(
             net, (example,), tmp, input_names=["image"], output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False,
         )  # fmt: skip
-        worst = check_against_torch(net, tmp, check_images)
-        os.chmod(tmp, 0o644)  # mkstemp made it owner-only
-        os.replace(tmp, path)
-        return worst
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        return check_against_torch(net, tmp, check_images)
 
 
 def onnx_logits(path: str | Path, images: torch.Tensor) -> np.ndarray:
