@@ -1,5 +1,6 @@
 """mnistlab: small-CNN experiments on MNIST with Lightning and Hydra."""
 
+import inspect
 from pathlib import Path
 
 from hydra.errors import InstantiationException
@@ -32,3 +33,12 @@ def instantiate(config, *args, **kwargs):
         if isinstance(e.__cause__, MnistlabError):
             raise e.__cause__ from None
         raise
+
+
+def lightning_trainer_defaults() -> dict:
+    """Every Lightning Trainer argument at Lightning's own default: the base of the `trainer`
+    config group, and what a printed config leaves out."""
+    from lightning import Trainer
+
+    params = inspect.signature(Trainer.__init__).parameters
+    return {name: param.default for name, param in params.items() if name != "self"}

@@ -4,7 +4,6 @@ and an exit status that tells the truth about every job of a sweep."""
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import logging
 import os
@@ -13,7 +12,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -21,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from mnistlab import PROJECT_ROOT, MnistlabError
+from mnistlab import PROJECT_ROOT, MnistlabError, lightning_trainer_defaults
 
 log = logging.getLogger("mnistlab")
 
@@ -53,12 +51,6 @@ class _DropMessages(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.starts)
-
-
-def lightning_trainer_defaults() -> dict:
-    """Every Lightning Trainer argument at Lightning's own default."""
-    params = inspect.signature(L.Trainer.__init__).parameters
-    return {name: param.default for name, param in params.items() if name != "self"}
 
 
 @functools.cache

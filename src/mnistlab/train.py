@@ -21,8 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mnistlab import MnistlabError, as_integer, instantiate
-from mnistlab.cli import lightning_trainer_defaults
+from mnistlab import MnistlabError, as_integer, instantiate, lightning_trainer_defaults
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.models import count_params
 from mnistlab.module import Classifier
