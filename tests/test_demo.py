@@ -13,6 +13,8 @@ from conftest import ROOT
 from mnistlab.demo import BLANK
 from mnistlab.demo_bench import THREE, demo_server
 
+pytestmark = pytest.mark.integration  # a demo.py server in a subprocess
+
 
 @pytest.fixture(scope="module")
 def demo_url():

@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import ROOT, compose_tiny, run_script
 from mnistlab import MnistlabError, instantiate
 from mnistlab.cli import one_line_errors
-from mnistlab.data import TEST_IMAGES, TEST_LABELS, read_idx, standardize, to_unit
+from mnistlab.data import MNIST_MD5, TEST_IMAGES, TEST_LABELS, ensure_files, read_idx, standardize, to_unit
 from mnistlab.export import export, export_onnx, onnx_logits, output_path
 from mnistlab.module import load_classifier
 from mnistlab.predict import load_network, predict
@@ -30,7 +30,7 @@ GAP_CNN = OmegaConf.load(ROOT / "conf" / "model" / "gap_cnn.yaml")
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(finished_run):
-    return finished_run[0] / "checkpoints" / "last.ckpt"
+    return finished_run / "checkpoints" / "last.ckpt"
 
 
 def test_export_writes_onnx_next_to_the_checkpoint_matching_pytorch_for_any_batch(
@@ -76,6 +76,7 @@ def test_export_refuses_outputs_it_must_not_write_before_any_work(tiny_checkpoin
     assert (tmp_path / "taken.onnx").read_bytes() == b"someone's file"
 
 
+@pytest.mark.integration
 def test_predict_reads_a_real_digit_with_the_released_weights_from_any_folder(real_test_digits, tmp_path):
     image = tmp_path / "digit.png"
     Image.fromarray(real_test_digits[0][0].numpy()).save(image)  # the first test digit, a 7
@@ -215,8 +216,10 @@ def test_release_refuses_runs_of_more_than_one_recipe(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_the_released_weights_classify_real_test_digits_in_pytorch_and_onnx(real_test_digits):
+@pytest.mark.integration  # the first 1,000 official test digits: the real files, fetched into data/
+def test_the_released_weights_classify_real_test_digits_in_pytorch_and_onnx():
     """weights/gap_cnn.{pt,onnx} as committed: the predict.py default, and its ONNX twin."""
+    ensure_files(ROOT / "data", MNIST_MD5)
     net = load_network(None, ROOT / "weights" / "gap_cnn.pt", GAP_CNN)
     images = standardize(to_unit(read_idx(ROOT / "data" / TEST_IMAGES)[:1000]))
     labels = read_idx(ROOT / "data" / TEST_LABELS)[:1000].long()

@@ -128,6 +128,7 @@ def test_a_shape_under_the_cap_trains_the_network_it_describes(tiny_mnist, tmp_p
     assert '"model.layers=[' + ",".join(f"'{line}'" for line in layers) + ']"' in command
 
 
+@pytest.mark.integration
 def test_two_workers_at_once_finish_one_study_with_exactly_n_trials(tiny_mnist, tmp_path):
     """Two `search.py` processes on one sqlite study, started together: 5 finished trials in all,
     each run once, in one worker's directory."""
