@@ -54,7 +54,7 @@ sweep: install ## A grid of dropout x LR: 6 full runs of the default recipe.
 	$(PY) train.py -m model.dropout=0.05,0.1,0.15 optimizer.lr=0.01,0.025 $(ARGS)
 
 report: install ## logs/report.{md,png} from every run under logs/ (or LOGS=DIR), logs/debug/ left out.
-	$(PY) -m mnistlab.report $(LOGS)
+	$(PY) -m mnistlab.report logs=$(LOGS)
 
 # make release RUNS=logs/multiruns/<date>_<time>_<pid>  (several folders: RUNS="a b", a sweep run in parts)
 release: install ## weights/<model>.{pt,onnx,json} from the median-validation seed of a seed sweep in RUNS.

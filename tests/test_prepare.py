@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from photos import photo
+from photos import drawn_three, photo
 from PIL import Image, ImageDraw, ImageFont
 
 from conftest import ROOT
 from mnistlab import MnistlabError
 from mnistlab.data import standardize, to_unit
-from mnistlab.demo_bench import drawn_three
 from mnistlab.predict import load_network
 from mnistlab.prepare import load_image, mnist_style
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mnistlab.report import Run, build_report, find_runs, main, plot_pareto
+from mnistlab import MnistlabError
+from mnistlab.report import Run, build_report, find_runs, plot_pareto, report
 
 
 def run(seed: int, test_acc: float, val_acc: float, lr: float = 0.05, ema: bool = False) -> Run:
@@ -70,12 +71,12 @@ def test_a_repeated_seed_keeps_the_run_that_started_last_not_the_last_path(tmp_p
 
 
 def test_a_missing_folder_or_a_corrupt_metrics_file_is_one_line_naming_it(tmp_path):
-    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'nothing'} is not a folder"):
-        main([str(tmp_path / "nothing")])
+    with pytest.raises(MnistlabError, match=f"^{tmp_path / 'nothing'} is not a folder; pass logs="):
+        report(tmp_path / "nothing")
     write_run(tmp_path, "a", "2026-11-26T09:31:00+00:00", 0.9950)
     (tmp_path / "a" / "metrics.json").write_text('{"status": "ok", "test/')  # cut off mid-write
-    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'a'} has an unreadable metrics.json"):
-        main([str(tmp_path)])
+    with pytest.raises(MnistlabError, match=f"^{tmp_path / 'a'} has an unreadable metrics.json"):
+        report(tmp_path)
 
 
 def test_the_pareto_plot_has_one_point_per_recipe_with_mean_std_and_params(tmp_path):

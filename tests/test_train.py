@@ -19,7 +19,7 @@ from mnistlab.data import MNISTDataModule
 from mnistlab.evaluate import evaluate
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.module import Classifier, load_classifier
-from mnistlab.report import main as report_main
+from mnistlab.report import report
 from mnistlab.runs import resume_checkpoint
 from mnistlab.train import build_trainer, train
 
@@ -225,7 +225,7 @@ def test_a_sweep_with_a_failed_job_finishes_the_others_exits_1_and_names_it(tiny
     # TensorBoard's HParams data: one comparable row per finished job, each with its own settings
     assert {hparams_of(sweep_dir / j)["optimizer.lr"] for j in "01"} == {0.01, 0.02}
 
-    report_main([str(sweep_dir)])
+    report(sweep_dir)
     text = (sweep_dir / "report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert len(rows) == 2 and any("optimizer.lr=0.02" in row for row in rows)

@@ -1,4 +1,4 @@
-"""The experiment table, built from the runs under `logs/`: `python -m mnistlab.report [LOGS]`.
+"""The experiment table, built from the runs under `logs/`: `python -m mnistlab.report [logs=DIR]`.
 
 Each run directory holds `.hydra/config.yaml` (what ran), `metrics.json` (how it ended) and
 TensorBoard events (the curves). Runs whose configs differ only in `seed` are one row, with
@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 import yaml
 from omegaconf import OmegaConf
 
 from mnistlab import PROJECT_ROOT, MnistlabError
+from mnistlab.cli import launch, one_line_errors
 
 # What the original project's README reported for each experiment (docs/original-experiments.md).
 REFERENCE_RESULTS = {
@@ -91,7 +92,7 @@ class Run:
 def find_runs(logs: Path) -> list[Run]:
     """Every run under `logs` that has a config and a metrics.json, oldest first."""
     if not logs.is_dir():
-        raise MnistlabError(f"{logs} is not a folder; pass the folder that holds the runs (default logs)")
+        raise MnistlabError(f"{logs} is not a folder; pass logs=<the folder that holds the runs>")
     runs = []
     for metrics_file in sorted(logs.rglob("metrics.json")):
         run_dir = metrics_file.parent
@@ -286,18 +287,23 @@ def plot_pareto(runs: list[Run], path: Path) -> list[tuple[str, int, float, floa
     return points
 
 
-def main(argv: list[str] | None = None) -> None:
-    logs = Path((argv or sys.argv[1:] or ["logs"])[0])
-    try:
-        runs = find_runs(logs)
-    except MnistlabError as e:
-        sys.exit(f"error: {e}")
-    runs = [r for r in runs if r.path.relative_to(logs).parts[0] != "debug"]  # checks, not results
+def report(logs: str | Path) -> list[Run]:
+    """`report.md`, `report.png` and `pareto.png` in `logs` from every run under it (its
+    `debug/` folder left out: checks, not results). Returns the runs it read."""
+    logs = Path(logs)
+    runs = [r for r in find_runs(logs) if r.path.relative_to(logs).parts[0] != "debug"]
     (logs / "report.md").write_text(build_report(runs))
     plot_curves(runs, logs / "report.png")
     plot_pareto(runs, logs / "pareto.png")
     print(f"{len(runs)} runs -> {logs / 'report.md'}, {logs / 'report.png'}, {logs / 'pareto.png'}")
+    return runs
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="report")
+@one_line_errors
+def main(cfg) -> None:
+    report(cfg.logs)
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)
