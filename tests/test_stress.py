@@ -48,7 +48,7 @@ def test_train_records_stress_acc_and_eval_stress_true_reproduces_it(
     shutil.copytree(finished_run, run_dir)
     recorded = json.loads((run_dir / "metrics.json").read_text())
     assert 0 <= recorded["stress/acc"] <= 1 and recorded["stress/loss"] > 0
-    del recorded["stress/acc"]  # as a run from before the stress set would be
+    del recorded["stress/acc"]  # a record without it: eval adds it back
     (run_dir / "metrics.json").write_text(json.dumps(recorded))
     best = run_dir / recorded["checkpoint"]
     evaluated = one_line_errors(evaluate)(

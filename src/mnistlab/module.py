@@ -42,7 +42,7 @@ class Classifier(L.LightningModule):
             raise MnistlabError(f"optimizer.lr={lr!r} is not allowed; use a value > 0")
         if not 0 <= as_number(label_smoothing) < 1:
             raise MnistlabError(f"label_smoothing={label_smoothing!r} is not allowed; use a value in [0, 1)")
-        model = {k: v for k, v in plain(model).items() if k != "compile"}  # a key of checkpoints before 0.2
+        model = {k: v for k, v in plain(model).items() if k != "compile"}  # not a network argument; some checkpoints hold it
         self.save_hyperparameters(
             {
                 "model": model,
