@@ -15,7 +15,17 @@ from PIL import Image
 from conftest import ROOT, compose_tiny, run_script
 from mnistlab import MnistlabError, instantiate
 from mnistlab.cli import one_line_errors
-from mnistlab.data import MNIST_MD5, TEST_IMAGES, TEST_LABELS, ensure_files, read_idx, standardize, to_unit
+from mnistlab.data import (
+    MNIST_FILES,
+    MNIST_MD5,
+    MNIST_SOURCES,
+    TEST_IMAGES,
+    TEST_LABELS,
+    ensure_files,
+    read_idx,
+    standardize,
+    to_unit,
+)
 from mnistlab.export import export, export_onnx, onnx_logits, output_path
 from mnistlab.module import load_classifier
 from mnistlab.predict import load_network, predict
@@ -219,7 +229,7 @@ def test_release_refuses_runs_of_more_than_one_recipe(tmp_path):
 @pytest.mark.integration  # the first 1,000 official test digits: the real files, fetched into data/
 def test_the_released_weights_classify_real_test_digits_in_pytorch_and_onnx():
     """weights/gap_cnn.{pt,onnx} as committed: the predict.py default, and its ONNX twin."""
-    ensure_files(ROOT / "data", MNIST_MD5)
+    ensure_files(ROOT / "data", MNIST_FILES, MNIST_MD5, MNIST_SOURCES)
     net = load_network(None, ROOT / "weights" / "gap_cnn.pt", GAP_CNN)
     images = standardize(to_unit(read_idx(ROOT / "data" / TEST_IMAGES)[:1000]))
     labels = read_idx(ROOT / "data" / TEST_LABELS)[:1000].long()
