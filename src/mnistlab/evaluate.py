@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mnistlab import instantiate
+from mnistlab import MnistlabError, instantiate
 from mnistlab.files import write_json
 from mnistlab.module import load_classifier
 from mnistlab.train import build_trainer, stress_test
@@ -16,6 +16,11 @@ from mnistlab.train import build_trainer, stress_test
 
 def evaluate(cfg: DictConfig) -> dict:
     model = load_classifier(cfg.ckpt_path)
+    if model.hparams.num_classes != cfg.data.num_classes:
+        raise MnistlabError(
+            f"{cfg.ckpt_path} predicts {model.hparams.num_classes} classes and the data has "
+            f"{cfg.data.num_classes}; pass the data= the checkpoint was trained on"
+        )
     trainer = build_trainer(cfg, enable_checkpointing=False)  # eval.yaml has no callbacks or loggers
     (metrics,) = trainer.test(model, datamodule=instantiate(cfg.data), verbose=False)
     if cfg.stress:

@@ -98,5 +98,11 @@ def format_table(net: nn.Module, input_shape: list[int] = (1, 28, 28)) -> str:
     return "\n".join(lines)
 
 
-def print_summary(model_cfg, input_shape: list[int] = (1, 28, 28)) -> None:
+def print_summary(model_cfg, data_cfg=None) -> None:
+    """The table for the data's image shape where its files are there, else MNIST's 28x28."""
+    input_shape = [1, 28, 28]
+    if data_cfg is not None:
+        datamodule = instantiate(data_cfg)
+        if (datamodule.data_dir / datamodule.files["train_images"]).is_file():
+            input_shape = datamodule.input_shape
     print(format_table(instantiate(model_cfg), input_shape))
