@@ -21,9 +21,13 @@ class ResidualBlock(nn.Module):
 class SmallResNet(nn.Module):
     def __init__(self, width: int = 16, blocks: int = 2, num_classes: int = 10, dropout: float = 0.1):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.blocks = nn.Sequential(*(ResidualBlock(width) for _ in range(blocks)))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, num_classes)
+        )
 
     def forward(self, x):
         return self.head(self.blocks(nn.functional.max_pool2d(self.stem(x), 2)))

@@ -67,8 +67,8 @@ def run_command(command: str, tiny_mnist, tmp_path: Path, my_dataset: Path, run_
             extra += [f"logger.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
                       f"logger.mlflow.artifact_location={tmp_path}/artifacts"]  # fmt: skip
         if "data=my_dataset" in overrides:
-            extra += [f"data.data_dir={my_dataset}", "data.train_size=500", "data.val_size=100", "data.num_classes=3",
-                      "model.layers=[conv 1 8,maxpool,gap,linear 8 3]"]  # fmt: skip
+            extra += [f"data.data_dir={my_dataset}", "data.train_size=500", "data.val_size=100",
+                      "data.num_classes=3", "model.layers=[conv 1 8,maxpool,gap,linear 8 3]"]  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = compose_tiny(tiny_mnist, run_dir, *overrides, *extra)
         if "data=my_dataset" in overrides:  # the template's sizes, not the tiny MNIST's
@@ -90,7 +90,13 @@ def run_command(command: str, tiny_mnist, tmp_path: Path, my_dataset: Path, run_
 
 def test_the_network_example_runs_through_every_entry_point(tiny_mnist, tmp_path, my_dataset, capsys):
     commands = [c for c in COMMANDS if "small_resnet" in c or "RUN" in c]
-    assert [c.split()[1] for c in commands] == ["summary.py", "train.py", "eval.py", "export.py", "predict.py"]
+    assert [c.split()[1] for c in commands] == [
+        "summary.py",
+        "train.py",
+        "eval.py",
+        "export.py",
+        "predict.py",
+    ]
     run_dir = tmp_path / "run"
     results = [run_command(c, tiny_mnist, tmp_path, my_dataset, run_dir) for c in commands]
     table = capsys.readouterr().out

@@ -167,7 +167,9 @@ class Pictures(L.Callback):
         """The loggers that take pictures: TensorBoard, MLflow and W&B, on the main process."""
         if not trainer.is_global_zero:
             return []
-        return [lg for lg in trainer.loggers if isinstance(lg, (TensorBoardLogger, MLFlowLogger, WandbLogger))]
+        return [
+            lg for lg in trainer.loggers if isinstance(lg, (TensorBoardLogger, MLFlowLogger, WandbLogger))
+        ]
 
     def _draw(self, trainer, tag: str, fig) -> None:
         for logger in self._loggers(trainer):

@@ -1,8 +1,9 @@
 """The task behind `export.py`: a checkpoint's network as ONNX, checked against PyTorch.
 
 The ONNX graph takes `[N, C, H, W]` float images normalised as the network's data (MNIST's:
-`[N, 1, 28, 28]`, mean 0.1307, std 0.3081; any N) and returns `[N, classes]` logits. Before the file is put in place, onnxruntime runs it on
-real test images and its logits must match PyTorch's to 1e-4.
+`[N, 1, 28, 28]`, mean 0.1307, std 0.3081; any N) and returns `[N, classes]` logits. Before
+the file is put in place, onnxruntime runs it on real test images and its logits must match
+PyTorch's to 1e-4.
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ def format_table(net: nn.Module, input_shape: list[int] = (1, 28, 28)) -> str:
     for row in rows:
         rf = "?" if row.receptive_field is None else str(row.receptive_field)
         lines.append(
-            f"{row.index:>5}  {row.name[:17]:<18}{row.type[:19]:<20}{str(row.shape):<20}{row.params:>8,}{rf:>6}"
+            f"{row.index:>5}  {row.name[:17]:<18}{row.type[:19]:<20}"
+            f"{str(row.shape):<20}{row.params:>8,}{rf:>6}"
         )
     total = sum(p.numel() for p in net.parameters())
     outside = total - sum(r.params for r in rows)
