@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip --disable-pip-version-check
 ARGS   ?=
 LOGS   ?= logs
+comma  := ,
+space  := $(subst ,, )
 
 .PHONY: install lock train sweep report release speedrun bench bench-demo demo test test-browser test-slurm test-all lint tensorboard clean
 
@@ -39,10 +41,11 @@ sweep: install
 report: install
 	$(PY) -m mnistlab.report $(LOGS)
 
-## weights/gap_cnn.{pt,onnx,json} from the median-validation seed of a seed sweep:
-## make release RUNS=logs/multiruns/<date>_<time>_<pid>  (several folders: RUNS="a b", a sweep run in parts)
+## weights/<model>.{pt,onnx,json} from the median-validation seed of a complete seed sweep:
+## make release RUNS=logs/multiruns/<date>_<time>_<pid>  (several folders: RUNS="a b", a sweep run in parts;
+## ARGS="partial=true" for an incomplete sweep, ARGS="overwrite=true" to replace better weights)
 release: install
-	$(PY) -m mnistlab.release $(RUNS)
+	$(PY) -m mnistlab.release "runs=[$(subst $(space),$(comma),$(strip $(RUNS)))]" $(ARGS)
 
 ## The GPU speedrun over seeds 1-3 (seed 0 first warms the compile caches); needs a GPU.
 speedrun: install

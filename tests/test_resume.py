@@ -83,21 +83,21 @@ def test_a_stopped_run_is_interrupted_non_zero_and_resumable(
     stop = ["+callbacks.stop._target_=crash.SignalAtEpochStart", "+callbacks.stop.epoch=1",
             f"+callbacks.stop.signal={name}"]  # fmt: skip
     with pytest.raises(SystemExit) as exit_:
-        train_task(compose_train(*TINY, *stop))
+        train_task(compose_train(*TINY, *stop), tmp_path)
     assert exit_.value.code == code
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "interrupted" and how in record["error"]
     assert "ckpt_path=last" in record["error"]
     if name == "SIGTERM":  # saved mid-epoch: 4 steps of epoch 0, then the batch in flight finishes
         assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
-    record = train_task(compose_train(*TINY, "ckpt_path=last"))
+    record = train_task(compose_train(*TINY, "ckpt_path=last"), tmp_path)
     assert record["status"] == "ok" and record["epochs"] == 3 and "error" not in record
     assert json.loads((tmp_path / "metrics.json").read_text()) == record
 
 
 def test_resuming_a_run_that_has_no_checkpoint_is_one_clear_error(compose_train, tmp_path):
     with pytest.raises(MnistlabError) as error:
-        train_task(compose_train(*TINY, "ckpt_path=last"))
+        train_task(compose_train(*TINY, "ckpt_path=last"), tmp_path)
     assert str(error.value).startswith(f"no checkpoint to resume at {tmp_path}/checkpoints/last.ckpt")
 
 

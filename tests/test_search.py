@@ -69,7 +69,7 @@ def test_a_trial_the_pruner_rejects_stops_after_that_epoch(compose_train):
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
     trial = study.ask()  # every val/acc is below 2.0, so the pruner rejects the first report
     reporter = ReportToTrial(trial)
-    metrics = train(compose_train(*TINY, "trainer.max_epochs=3"), callbacks=[reporter])
+    metrics = train(compose_train(*TINY, "trainer.max_epochs=3"), tmp_path, callbacks=[reporter])
     assert reporter.pruned and metrics["epochs"] == 1
     assert list(study.trials[0].intermediate_values) == [0]  # reported for epoch 0 only
 
