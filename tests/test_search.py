@@ -62,7 +62,7 @@ def test_bad_search_settings_are_one_clear_error(compose_train, override, messag
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-def test_a_trial_the_pruner_rejects_stops_after_that_epoch(compose_train):
+def test_a_trial_the_pruner_rejects_stops_after_that_epoch(compose_train, tmp_path):
     from mnistlab.search import ReportToTrial
     from mnistlab.train import train
 

@@ -211,7 +211,8 @@ def release(
     if before is not None and chosen.metrics["test/acc"] < before and not overwrite:
         raise MnistlabError(
             f"{out_dir / name}.json holds weights with test/acc {before:.4f}, above this release's "
-            f"{chosen.metrics['test/acc']:.4f} (seed {chosen.metrics['seed']}); pass overwrite=true to replace them"
+            f"{chosen.metrics['test/acc']:.4f} (seed {chosen.metrics['seed']}); "
+            "pass overwrite=true to replace them"
         )
     classifier = load_classifier(chosen.path / chosen.metrics["checkpoint"])
     net = classifier.net.eval()
@@ -295,9 +296,8 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.out)
     info = release([Path(r) for r in runs], out, cfg.name, partial=cfg.partial, overwrite=cfg.overwrite)
     missing = f"; seeds {info['missing_seeds']} missing (partial=true)" if info["missing_seeds"] else ""
-    print(
-        f"released seed {info['seed']} ({info['why_this_seed']}){missing} -> {out}/{info['name']}.{{pt,onnx,json}}"
-    )
+    written = f"{out}/{info['name']}.{{pt,onnx,json}}"
+    print(f"released seed {info['seed']} ({info['why_this_seed']}){missing} -> {written}")
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ class RunDir:
                 raise MnistlabError(
                     f"{self.path} is in use by {where}; wait for it to end or pass another hydra.run.dir"
                     + ("" if alive else f" (if that process is gone, delete {self.lock_file})")
-                )
+                ) from None
             with os.fdopen(fd, "wb") as f:
                 f.write(mine)
             return
@@ -303,7 +303,8 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: RunDir, hparams: dict, max
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved, epoch = checkpoint["hyper_parameters"], checkpoint["epoch"]
+        saved = checkpoint["hyper_parameters"]
+        epochs_done(checkpoint)
     except Exception as e:  # noqa: BLE001  (any unreadable file: a truncated copy, another format)
         raise MnistlabError(
             f"{path} is not a readable mnistlab checkpoint ({type(e).__name__}); "
