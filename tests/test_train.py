@@ -20,7 +20,7 @@ from mnistlab.evaluate import evaluate
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.module import Classifier, load_classifier
 from mnistlab.report import main as report_main
-from mnistlab.runs import resume_checkpoint
+from mnistlab.runs import RunDir, resume_checkpoint
 from mnistlab.train import build_trainer, train
 
 
@@ -194,11 +194,16 @@ def test_eval_without_a_checkpoint_says_which_key_is_missing(compose_train, caps
 
 @pytest.mark.parametrize(
     "optimizer",
-    [["optimizer=sgd", "optimizer.lr=1e30"], ["optimizer=adam", "optimizer.lr=1e9"]],
-    ids=["sgd", "adam"],
+    [
+        ["optimizer=sgd", "optimizer.lr=1e30"],
+        ["optimizer=adam", "optimizer.lr=1e9"],
+        ["optimizer=adam", "optimizer.lr=1e9", "trainer.max_epochs=1"],
+    ],
+    ids=["sgd", "adam", "adam-one-epoch"],
 )
 def test_a_diverging_run_fails_and_says_so_in_metrics_json(compose_train, tmp_path, optimizer):
-    """Non-finite (SGD) or finite but far above chance (Adam): both are divergence."""
+    """Non-finite (SGD) or finite but far above chance (Adam): both are divergence, in the first
+    epoch too (a one-epoch run ends there)."""
     cfg = compose_train(*optimizer, "scheduler=none", "callbacks=default", "debug=limit")
     with pytest.raises(MnistlabError, match=r"training diverged in epoch [01] .* lower optimizer.lr"):
         train(cfg, tmp_path)
@@ -339,8 +344,8 @@ def test_resuming_checks_the_recipe_and_refuses_a_finished_run(compose_train, tm
     with pytest.raises(MnistlabError, match="has already finished its 2 epochs; start a new run, or pass"):
         train(compose_train("debug=limit", "ckpt_path=last"), tmp_path)
     assert (tmp_path / "metrics.json").read_text() == before  # the finished run's record is untouched
-    assert resume_checkpoint("last", tmp_path, hparams(), max_epochs=3) == str(last)
+    assert resume_checkpoint("last", RunDir(tmp_path), hparams(), max_epochs=3) == str(last)
     with pytest.raises(MnistlabError, match="different label_smoothing"):
-        resume_checkpoint("last", tmp_path, hparams("label_smoothing=0.2"), max_epochs=3)
+        resume_checkpoint("last", RunDir(tmp_path), hparams("label_smoothing=0.2"), max_epochs=3)
     with pytest.raises(MnistlabError, match="is not a readable mnistlab checkpoint"):
-        resume_checkpoint(str(ROOT / "pyproject.toml"), tmp_path, hparams(), max_epochs=3)
+        resume_checkpoint(str(ROOT / "pyproject.toml"), RunDir(tmp_path), hparams(), max_epochs=3)
