@@ -8,6 +8,8 @@ UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 LOGS   ?= logs
+comma  := ,
+space  := $(subst ,, )
 
 .DEFAULT_GOAL := install
 .PHONY: help install lock train sweep report release speedrun bench bench-demo demo test test-integration \
@@ -56,9 +58,10 @@ sweep: install ## A grid of dropout x LR: 6 full runs of the default recipe.
 report: install ## logs/report.{md,png} from every run under logs/ (or LOGS=DIR), logs/debug/ left out.
 	$(PY) -m mnistlab.report logs=$(LOGS)
 
-# make release RUNS=logs/multiruns/<date>_<time>_<pid>  (several folders: RUNS="a b", a sweep run in parts)
-release: install ## weights/<model>.{pt,onnx,json} from the median-validation seed of a seed sweep in RUNS.
-	$(PY) -m mnistlab.release $(RUNS)
+# make release RUNS=logs/multiruns/<date>_<time>_<pid>  (several folders: RUNS="a b", a sweep run in parts;
+# ARGS="partial=true" for an incomplete sweep, ARGS="overwrite=true" to replace better weights)
+release: install ## weights/<model>.{pt,onnx,json} from the median-validation seed of a complete seed sweep in RUNS.
+	$(PY) -m mnistlab.release "runs=[$(subst $(space),$(comma),$(strip $(RUNS)))]" $(ARGS)
 
 # Seed 0 first warms the compile caches.
 speedrun: install ## The GPU speedrun over seeds 1-3; needs a GPU.

@@ -3,6 +3,7 @@
 import hydra
 
 from mnistlab.cli import launch, one_line_errors
+from mnistlab.runs import RunDir
 from mnistlab.train import train
 
 
@@ -10,7 +11,7 @@ from mnistlab.train import train
 @one_line_errors
 def main(cfg):
     """Returns the run's val/acc_best: what a Hydra sweeper plugin (Optuna, Nevergrad, Ax) optimises."""
-    return train(cfg)["val/acc_best"]
+    return train(cfg, RunDir.from_hydra())["val/acc_best"]
 
 
 if __name__ == "__main__":

@@ -35,3 +35,18 @@ class PauseAtEpochStart(L.Callback):
             deadline = time.monotonic() + self.seconds
             while time.monotonic() < deadline and not trainer.received_sigterm:
                 time.sleep(0.2)
+
+
+class HoldAtEpochStart(L.Callback):
+    """Holds a run still as epoch `epoch` starts, while `marker` exists (it writes it, the test
+    deletes it): a run in progress at a known point, for a second process to run into."""
+
+    def __init__(self, epoch: int, marker: str, seconds: float = 300):
+        self.epoch, self.marker, self.seconds = epoch, marker, seconds
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            open(self.marker, "w").close()
+            deadline = time.monotonic() + self.seconds
+            while time.monotonic() < deadline and os.path.exists(self.marker):
+                time.sleep(0.1)

@@ -73,7 +73,7 @@ def run_command(command: str, tiny_mnist, tmp_path: Path, my_dataset: Path, run_
         cfg = compose_tiny(tiny_mnist, run_dir, *overrides, *extra)
         if "data=my_dataset" in overrides:  # the template's sizes, not the tiny MNIST's
             cfg.data.checksums = None
-        return train(cfg)
+        return train(cfg, run_dir)
     if name == "predict":
         image = tmp_path / "digit.png"
         digit = torch.zeros(28, 28, dtype=torch.uint8)

@@ -37,7 +37,7 @@ def test_the_data_notebook_runs_on_the_real_mnist(monkeypatch):
 def test_the_runs_notebook_reads_a_run_and_builds_the_table(compose_train, tmp_path, monkeypatch):
     run_dir = tmp_path  # compose_train's run directory
     cfg = compose_train("debug=limit")
-    train(cfg)
+    train(cfg, run_dir)
     (run_dir / ".hydra").mkdir()
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     monkeypatch.setenv("MNISTLAB_LOGS", str(run_dir))

@@ -25,6 +25,7 @@ def released():
         with torch.no_grad():
             return int(net(mnist_style(image)).argmax())
 
+    read.net = net
     return read
 
 
@@ -91,6 +92,28 @@ def test_a_dark_digit_on_a_transparent_png_is_read(released, tmp_path):
     ImageDraw.Draw(image).text((25, 0), "7", fill=(0, 0, 0, 255), font=ImageFont.load_default(size=90))
     image.save(tmp_path / "seven.png")
     assert released(load_image(tmp_path / "seven.png")) == 7
+
+
+def test_a_phone_photo_stored_sideways_with_an_exif_orientation_is_read_upright(
+    released, real_test_digits, tmp_path
+):
+    """A JPEG as a phone writes it when held sideways: the pixels rotated, EXIF Orientation 6
+    ("rotate 90 degrees clockwise to show"). predict.py and the demo both read files by load_image."""
+    from mnistlab.demo import reader
+
+    images, labels = real_test_digits
+    assert int(labels[0]) == 7
+    upright = photo(images[0].numpy(), side=200, noise=3).crop((0, 0, 200, 160))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.jpg", quality=95, exif=exif)
+    loaded = load_image(tmp_path / "sideways.jpg")
+    assert loaded.size == upright.size == (200, 160)
+    assert released(loaded) == 7
+    ignoring_exif = Image.open(tmp_path / "sideways.jpg")  # the pixels as stored: a 7 on its side
+    assert released(ignoring_exif) != 7
+    answer, _, message = reader({"gap_cnn": released.net})(str(tmp_path / "sideways.jpg"), "gap_cnn")
+    assert "**7**" in message and max(answer, key=answer.get) == "7"
 
 
 def test_a_blank_image_and_a_flat_gradient_are_refused():

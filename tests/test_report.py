@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from mnistlab import MnistlabError
 from mnistlab.report import Run, build_report, find_runs, plot_pareto, report
+from mnistlab.runs import HOST
 
 
 def run(seed: int, test_acc: float, val_acc: float, lr: float = 0.05, ema: bool = False) -> Run:
@@ -70,13 +72,42 @@ def test_a_repeated_seed_keeps_the_run_that_started_last_not_the_last_path(tmp_p
     assert "| 99.50 | – | 10.0 | 1 |" in row  # test/acc of the 09:31 run (no stress/acc recorded), one seed
 
 
-def test_a_missing_folder_or_a_corrupt_metrics_file_is_one_line_naming_it(tmp_path):
+def test_a_missing_folder_is_one_line_naming_it(tmp_path):
     with pytest.raises(MnistlabError, match=f"^{tmp_path / 'nothing'} is not a folder; pass logs="):
         report(tmp_path / "nothing")
+
+
+def test_a_run_with_a_truncated_metrics_file_is_skipped_by_name_and_the_rest_reported(tmp_path, capsys):
     write_run(tmp_path, "a", "2026-11-26T09:31:00+00:00", 0.9950)
+    write_run(tmp_path, "b", "2026-11-26T09:32:00+00:00", 0.9940)
     (tmp_path / "a" / "metrics.json").write_text('{"status": "ok", "test/')  # cut off mid-write
-    with pytest.raises(MnistlabError, match=f"^{tmp_path / 'a'} has an unreadable metrics.json"):
-        report(tmp_path)
+    report(tmp_path)
+    (skipped,) = capsys.readouterr().err.strip().splitlines()
+    assert skipped.startswith(f"skipped: {tmp_path / 'a' / 'metrics.json'} is unreadable (JSONDecodeError)")
+    text = (tmp_path / "report.md").read_text()
+    assert "| 99.40 |" in text and "99.50" not in text
+
+
+def test_a_run_whose_process_was_killed_is_reported_lost_not_running(tmp_path):
+    """A real process killed with SIGKILL: its record still says `running`, with its pid."""
+    import signal
+    import subprocess
+    import sys
+
+    from mnistlab.runs import process_start
+
+    write_run(tmp_path, "a", "2026-11-26T09:31:00+00:00", 0.9950)
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    record = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    record |= {"status": "running", "pid": victim.pid, "pid_start": process_start(victim.pid), "host": HOST}
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps(record))
+    (run_,) = find_runs(tmp_path)
+    assert run_.status == "running"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert run_.status == "lost"
+    report = build_report([run_])
+    assert f"lost: its process (pid {victim.pid} on {HOST}) is gone" in report
 
 
 def test_the_pareto_plot_has_one_point_per_recipe_with_mean_std_and_params(tmp_path):

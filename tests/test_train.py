@@ -20,7 +20,7 @@ from mnistlab.evaluate import evaluate
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.module import Classifier, load_classifier
 from mnistlab.report import report
-from mnistlab.runs import resume_checkpoint
+from mnistlab.runs import RunDir, resume_checkpoint
 from mnistlab.train import build_trainer, train
 
 
@@ -35,15 +35,15 @@ from mnistlab.train import build_trainer, train
     ],
     ids=["default", "sgd-one_cycle", "constant-rotate_zoom", "gpu-recipe-on-cpu", "speedrun-on-cpu"],
 )
-def test_fast_dev_run_of_the_composed_config(compose_train, overrides):
-    metrics = train(compose_train("debug=fdr", *overrides))
+def test_fast_dev_run_of_the_composed_config(compose_train, tmp_path, overrides):
+    metrics = train(compose_train("debug=fdr", *overrides), tmp_path)
     assert metrics["status"] == "ok" and metrics["epochs"] == 1
     # fast_dev_run tests one batch of 100 images: the accuracy is a count out of 100
     assert metrics["test/acc"] * 100 == pytest.approx(round(metrics["test/acc"] * 100), abs=1e-4)
 
 
 def test_without_a_validation_set_the_last_checkpoint_is_tested(compose_train, tmp_path):
-    metrics = train(compose_train("data.val_size=0", "debug=limit"))
+    metrics = train(compose_train("data.val_size=0", "debug=limit"), tmp_path)
     assert metrics["val/acc_best"] is None
     assert metrics["checkpoint"] == "checkpoints/last.ckpt"
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
@@ -197,14 +197,19 @@ def test_eval_without_a_checkpoint_says_which_key_is_missing(compose_train, caps
 
 @pytest.mark.parametrize(
     "optimizer",
-    [["optimizer=sgd", "optimizer.lr=1e30"], ["optimizer=adam", "optimizer.lr=1e9"]],
-    ids=["sgd", "adam"],
+    [
+        ["optimizer=sgd", "optimizer.lr=1e30"],
+        ["optimizer=adam", "optimizer.lr=1e9"],
+        ["optimizer=adam", "optimizer.lr=1e9", "trainer.max_epochs=1"],
+    ],
+    ids=["sgd", "adam", "adam-one-epoch"],
 )
 def test_a_diverging_run_fails_and_says_so_in_metrics_json(compose_train, tmp_path, optimizer):
-    """Non-finite (SGD) or finite but far above chance (Adam): both are divergence."""
+    """Non-finite (SGD) or finite but far above chance (Adam): both are divergence, in the first
+    epoch too (a one-epoch run ends there)."""
     cfg = compose_train(*optimizer, "scheduler=none", "callbacks=default", "debug=limit")
     with pytest.raises(MnistlabError, match=r"training diverged in epoch [01] .* lower optimizer.lr"):
-        train(cfg)
+        train(cfg, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "diverged" in metrics["error"] and "test/acc" not in metrics
 
@@ -265,7 +270,7 @@ def test_bad_values_are_refused_before_any_work(compose_train, tmp_path, overrid
     if override == "trainer.accelerator=gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(MnistlabError) as error:
-        train(compose_train(override, "debug=limit"))
+        train(compose_train(override, "debug=limit"), tmp_path)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []  # no metrics.json, no checkpoints, no logs
 
@@ -287,7 +292,7 @@ def test_checkpoints_are_written_through_the_atomic_writer(compose_train):
 def test_weight_ema_is_what_validation_checkpoints_and_the_test_see(compose_train, tmp_path, tiny_mnist):
     """With the `ema` callback, the best checkpoint holds the averaged weights, and train.py's
     test scores those (Lightning's own callback would load the raw weights back for the test)."""
-    metrics = train(compose_train("debug=limit", "callbacks.ema.decay=0.5"))
+    metrics = train(compose_train("debug=limit", "callbacks.ema.decay=0.5"), tmp_path)
     checkpoint = torch.load(tmp_path / metrics["checkpoint"], weights_only=True)
     averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert any(not torch.equal(averaged[k], raw[k]) for k in raw if k.endswith("weight"))
@@ -322,7 +327,7 @@ def test_label_smoothing_shapes_the_training_loss_only(compose_train):
 def test_a_compiled_network_trains_and_saves_plain_weights(compose_train, tmp_path):
     """`compile=true` compiles the network in place: checkpoints keep the plain layer names,
     so they load into an uncompiled network (predict.py, export.py, released weights)."""
-    metrics = train(compose_train("debug=limit", "compile=true"))
+    metrics = train(compose_train("debug=limit", "compile=true"), tmp_path)
     assert metrics["status"] == "ok"
     state = torch.load(tmp_path / metrics["checkpoint"], weights_only=True)["state_dict"]
     assert "net.0.weight" in state and not any("_orig_mod" in k for k in state)
@@ -331,7 +336,7 @@ def test_a_compiled_network_trains_and_saves_plain_weights(compose_train, tmp_pa
 
 
 def test_resuming_checks_the_recipe_and_refuses_a_finished_run(compose_train, tmp_path):
-    train(compose_train("debug=limit"))
+    train(compose_train("debug=limit"), tmp_path)
     before = (tmp_path / "metrics.json").read_text()
     last = tmp_path / "checkpoints" / "last.ckpt"
 
@@ -342,10 +347,10 @@ def test_resuming_checks_the_recipe_and_refuses_a_finished_run(compose_train, tm
         ).hparams
 
     with pytest.raises(MnistlabError, match="has already finished its 2 epochs; start a new run, or pass"):
-        train(compose_train("debug=limit", "ckpt_path=last"))
+        train(compose_train("debug=limit", "ckpt_path=last"), tmp_path)
     assert (tmp_path / "metrics.json").read_text() == before  # the finished run's record is untouched
-    assert resume_checkpoint("last", tmp_path, hparams(), max_epochs=3) == str(last)
+    assert resume_checkpoint("last", RunDir(tmp_path), hparams(), max_epochs=3) == str(last)
     with pytest.raises(MnistlabError, match="different label_smoothing"):
-        resume_checkpoint("last", tmp_path, hparams("label_smoothing=0.2"), max_epochs=3)
+        resume_checkpoint("last", RunDir(tmp_path), hparams("label_smoothing=0.2"), max_epochs=3)
     with pytest.raises(MnistlabError, match="is not a readable mnistlab checkpoint"):
-        resume_checkpoint(str(ROOT / "pyproject.toml"), tmp_path, hparams(), max_epochs=3)
+        resume_checkpoint(str(ROOT / "pyproject.toml"), RunDir(tmp_path), hparams(), max_epochs=3)

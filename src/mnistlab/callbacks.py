@@ -63,8 +63,9 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class DivergenceCheck(L.Callback):
-    """Fails the run when training has diverged, whatever the optimizer: a non-finite loss, or
-    after the first epoch a training loss above `factor` times chance level's (ln 10 = 2.30)."""
+    """Fails the run when training has diverged, whatever the optimizer: at any epoch's end (the
+    first included, so a one-epoch run is checked too) a non-finite training loss, or one above
+    `factor` times chance level's (ln of the number of classes: 2.30 for 10)."""
 
     def __init__(self, factor: float = 2.0):
         self.factor = factor
@@ -74,11 +75,11 @@ class DivergenceCheck(L.Callback):
         if loss is None:
             return
         loss = float(loss)
-        too_high = trainer.current_epoch >= 1 and loss > self.factor * math.log(10)
-        if not math.isfinite(loss) or too_high:
+        chance = math.log(getattr(trainer.datamodule, "num_classes", None) or 10)
+        if not math.isfinite(loss) or loss > self.factor * chance:
             raise MnistlabError(
                 f"training diverged in epoch {trainer.current_epoch} (train/loss = {loss:.4g}, chance "
-                f"level is {math.log(10):.2f}); lower optimizer.lr (now {module.hparams.optimizer.get('lr')})"
+                f"level is {chance:.2f}); lower optimizer.lr (now {module.hparams.optimizer.get('lr')})"
             )
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from mnistlab import PROJECT_ROOT, MnistlabError, lightning_trainer_defaults
+from mnistlab.runs import RunDir
 
 log = logging.getLogger("mnistlab")
 
@@ -123,14 +124,16 @@ class FailedJobRecords(Callback):
 
 
 def remove_if_rejected() -> None:
-    """A run refused before it started leaves no directory behind: Hydra made one holding only
-    the composed config and the log, which would clutter logs/ and `make report`."""
+    """A run refused before it started leaves nothing behind: the config Hydra staged for it is
+    removed, and so is a directory Hydra made for it alone (holding only that and the log),
+    which would clutter logs/ and `make report`."""
     if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
         return  # entry points that write no run directory (eval, predict, ...) run in the user's folder
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    made_by_hydra = {HydraConfig.get().output_subdir, f"{HydraConfig.get().job.name}.log"}
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= made_by_hydra:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir = RunDir.from_hydra()
+    run_dir.discard_staged()
+    made_by_hydra = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    if run_dir.path.is_dir() and {p.name for p in run_dir.path.iterdir()} <= made_by_hydra:
+        shutil.rmtree(run_dir.path, ignore_errors=True)
 
 
 def launch(main) -> None:

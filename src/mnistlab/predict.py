@@ -32,6 +32,9 @@ def load_network(ckpt_path: str | None, weights: str | Path, model_cfg) -> torch
     if ckpt_path:
         return load_classifier(ckpt_path).net.eval()
     weights = Path(weights)
+    from mnistlab.release import complete_interrupted
+
+    complete_interrupted(weights.parent, weights.stem)  # a release killed mid-rename: finish it first
     if not weights.is_file():
         raise MnistlabError(f"no released weights at {weights}; pass ckpt_path=PATH to a checkpoint")
     net = instantiate(model_cfg)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from mnistlab import MnistlabError
 from mnistlab.data import standardize
@@ -36,7 +36,9 @@ class NoDigit(MnistlabError):
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """The still image in a file, alpha kept; an animation or a non-image is a one-line error."""
+    """The still image in a file, upright as its EXIF orientation says (a phone stores a photo
+    taken sideways as it left the sensor, plus a tag), alpha kept; an animation or a non-image is
+    a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise MnistlabError(f"image {path} does not exist; pass image=PATH to a PNG or JPEG")
@@ -54,7 +56,7 @@ def load_image(path: str | Path) -> Image.Image:
                     f"image {path} has {image.n_frames} frames (an animation); pass a single still image"
                 )
             image.load()
-            return image.copy()
+            return ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise MnistlabError(
             f"cannot read {path} as an image ({type(e).__name__}); pass a PNG or JPEG"

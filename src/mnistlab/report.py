@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import yaml
 from omegaconf import OmegaConf
 
 from mnistlab import PROJECT_ROOT, MnistlabError
 from mnistlab.cli import launch, one_line_errors
+from mnistlab.runs import RunDir, process_alive
 
 # What the original project's README reported for each experiment (docs/original-experiments.md).
 REFERENCE_RESULTS = {
@@ -68,6 +68,12 @@ class Run:
     metrics: dict
 
     @property
+    def status(self) -> str | None:
+        """The recorded status; `lost` for a `running` run whose process is gone (`kill -9`)."""
+        status = self.metrics.get("status")
+        return "lost" if status == "running" and process_alive(self.metrics) is False else status
+
+    @property
     def recipe_overrides(self) -> list[str]:
         """The overrides that make this configuration, without seed and paths, values shortened."""
         return [_short(o) for o in self.overrides if not o.lstrip("+~").startswith(NOT_RECIPE)]
@@ -89,32 +95,32 @@ class Run:
         return json.dumps(config, sort_keys=True, default=str)
 
 
-def find_runs(logs: Path) -> list[Run]:
-    """Every run under `logs` that has a config and a metrics.json, oldest first."""
+class Runs(list):
+    """The runs found under a folder, and why the run directories that could not be read were not."""
+
+    def __init__(self, runs=(), unreadable=()):
+        super().__init__(runs)
+        self.unreadable = list(unreadable)
+
+
+def find_runs(logs: Path) -> Runs:
+    """Every run under `logs` that has a config and a metrics.json, oldest first; a run directory
+    whose records cannot be read is left out and named in `unreadable`, with why."""
     if not logs.is_dir():
         raise MnistlabError(f"{logs} is not a folder; pass logs=<the folder that holds the runs>")
-    runs = []
+    runs = Runs()
     for metrics_file in sorted(logs.rglob("metrics.json")):
-        run_dir = metrics_file.parent
-        config_file = run_dir / ".hydra" / "config.yaml"
-        if not config_file.is_file():
+        run_dir = RunDir(metrics_file.parent)
+        if not run_dir.config_file.is_file():
             continue
-        overrides_file = run_dir / ".hydra" / "overrides.yaml"
         try:
-            overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
-            run = Run(
-                path=run_dir,
-                config=OmegaConf.to_container(OmegaConf.load(config_file), resolve=False),
-                overrides=overrides,
-                metrics=json.loads(metrics_file.read_text()),
-            )
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            raise MnistlabError(
-                f"{run_dir} has an unreadable metrics.json or config ({type(e).__name__}); "
-                "delete or repair that run directory"
-            ) from None
+            run = Run(run_dir.path, run_dir.read_config(), run_dir.read_overrides(), run_dir.read_metrics())
+        except MnistlabError as e:
+            runs.unreadable.append(str(e))
+            continue
         runs.append(run)
-    return sorted(runs, key=lambda r: r.metrics.get("started") or "")  # stable: path order within
+    runs.sort(key=lambda r: r.metrics.get("started") or "")  # stable: path order within
+    return runs
 
 
 def val_curve(run: Run) -> list[float]:
@@ -161,13 +167,18 @@ def _describe(config: dict) -> dict[str, str]:
     }
 
 
+def by_seed(runs: list[Run]) -> dict[str, dict[int, Run]]:
+    """Runs grouped by configuration (`Run.key`), each group one run per seed: a repeated seed
+    is its latest run. The one grouping behind the report's rows and a release's seeds."""
+    groups: dict[str, dict] = {}
+    for run in sorted(runs, key=lambda r: r.metrics.get("started") or ""):  # oldest first
+        groups.setdefault(run.key, {})[run.metrics.get("seed", run.config.get("seed"))] = run
+    return groups
+
+
 def recipes(runs: list[Run]) -> list[list[Run]]:
     """Finished runs grouped by configuration, one run per seed (a repeated seed: its latest run)."""
-    groups: dict[str, dict] = {}
-    for run in runs:  # oldest first
-        if run.metrics.get("status") == "ok":
-            groups.setdefault(run.key, {})[run.config.get("seed")] = run
-    return [list(by_seed.values()) for by_seed in groups.values()]
+    return [list(seeds.values()) for seeds in by_seed([r for r in runs if r.status == "ok"]).values()]
 
 
 def name_of(group: list[Run]) -> tuple[Run, str | None]:
@@ -219,12 +230,16 @@ def build_report(runs: list[Run]) -> str:
             REFERENCE_RESULTS.get(experiment, ""),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    failed = [r for r in runs if r.metrics.get("status") != "ok"]
+    failed = [r for r in runs if r.status != "ok"]
     if failed:
         lines += ["", "## Runs that did not finish", ""]
-        lines += [
-            f"- `{r.path}` (`{r.label}`): {r.metrics.get('error', r.metrics.get('status'))}" for r in failed
-        ]
+        for r in failed:
+            why = {
+                "running": f"running (pid {r.metrics.get('pid')} on {r.metrics.get('host')})",
+                "lost": f"lost: its process (pid {r.metrics.get('pid')} on {r.metrics.get('host')}) is gone "
+                "without a final state (killed); resume with ckpt_path=last",
+            }.get(r.status, r.metrics.get("error", r.status))
+            lines.append(f"- `{r.path}` (`{r.label}`): {why}")
     return "\n".join(lines) + "\n"
 
 
@@ -292,9 +307,13 @@ def plot_pareto(runs: list[Run], path: Path) -> list[tuple[str, int, float, floa
 
 def report(logs: str | Path) -> list[Run]:
     """`report.md`, `report.png` and `pareto.png` in `logs` from every run under it (its
-    `debug/` folder left out: checks, not results). Returns the runs it read."""
+    `debug/` folder left out: checks, not results); a run whose records cannot be read is named
+    and skipped. Returns the runs it read."""
     logs = Path(logs)
-    runs = [r for r in find_runs(logs) if r.path.relative_to(logs).parts[0] != "debug"]
+    found = find_runs(logs)
+    for why in found.unreadable:
+        print(f"skipped: {why}", file=sys.stderr)
+    runs = [r for r in found if r.path.relative_to(logs).parts[0] != "debug"]
     (logs / "report.md").write_text(build_report(runs))
     plot_curves(runs, logs / "report.png")
     plot_pareto(runs, logs / "pareto.png")

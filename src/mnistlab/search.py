@@ -3,6 +3,13 @@
 Each trial composes the `train` config with the search's own overrides plus the trial's
 sampled values, runs the same task as `train.py` in `<study dir>/trial_NNN/`, and reports
 per-epoch `val/acc` so a median pruner can stop weak trials early.
+
+Storages: none (in memory, one process); `journal:PATH` (Optuna's journal file: any number of
+workers on one machine or a shared disk); `sqlite:///PATH` (one worker at a time is safest);
+`postgresql://...` (workers on many machines). A trial whose worker died holds no place for
+good: on one machine it is reclaimed as soon as its process is gone (the trial records the
+worker's pid, start and host); with a database, also once its heartbeat is older than
+`grace_period` seconds (another machine). A reclaimed trial fails and its parameters run again.
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ import optuna
 import sqlalchemy.exc
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import TrialState
 
 from mnistlab import MnistlabError, as_integer, instantiate
 from mnistlab.models import count_params, shape_layers
+from mnistlab.runs import RunDir, process_alive, this_process
 from mnistlab.train import train
 
 log = logging.getLogger(__name__)
-SEARCH_KEYS = ("hparams_search", "n_trials", "storage", "hydra.")
+SEARCH_KEYS = ("hparams_search", "n_trials", "storage", "heartbeat_interval", "grace_period", "hydra.")
 
 
 class ReportToTrial(L.Callback):
@@ -89,8 +99,9 @@ def check_some_shape_fits(space: DictConfig, base: list[str]) -> None:
         )
 
 
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-COUNTED = (*FINISHED, optuna.trial.TrialState.RUNNING)  # finished, or taking a place now
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+COUNTED = (*FINISHED, TrialState.RUNNING)  # finished, or taking a place now
+RETRY = RetryFailedTrialCallback(max_retry=3)  # a lost trial's parameters run again, up to 3 times
 
 
 def counts(trial: optuna.trial.FrozenTrial) -> bool:
@@ -99,59 +110,105 @@ def counts(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state in COUNTED and "over_budget" not in trial.user_attrs
 
 
-def run_trials(study: optuna.Study, objective, n_trials: int) -> None:
+def reclaim_lost_trials(study: optuna.Study) -> None:
+    """Fails the running trials whose worker process is gone (on this machine: `kill -9`, an
+    out-of-memory kill) and queues their parameters again; a database's heartbeat does the same
+    for workers on other machines once `grace_period` has passed."""
+    optuna.storages.fail_stale_trials(study)  # databases only: heartbeats older than the grace period
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if worker and process_alive(worker) is False:
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # another worker reclaimed it first
+            log.warning(
+                "trial %d: its worker (pid %s) is gone; its parameters run again", trial.number, worker["pid"]
+            )
+            RETRY(study, study.get_trials(deepcopy=False)[trial.number])
+
+
+class _StudyFull(Exception):
+    """This worker's new trial came after the study's places were taken."""
+
+
+def run_trials(study: optuna.Study, objective, n_trials: int, wait: float = 5.0) -> None:
     """Trials until the study holds `n_trials` finished ones, with any number of workers (processes,
     machines) sharing its storage. The storage numbers trials atomically, so a trial goes ahead only
     if fewer than `n_trials` earlier ones are finished or running; one that lost that race to
-    another worker is closed as failed without running (user attribute `not_run`)."""
+    another worker is closed as failed without running (user attribute `not_run`). While other
+    workers' trials fill the places, this worker waits: one of them may die and leave its place."""
 
-    def taken(before: int | None = None) -> int:
+    def taken(before: int | None = None, states=COUNTED) -> int:
         trials = study.get_trials(deepcopy=False)
-        return sum(counts(t) and (before is None or t.number < before) for t in trials)
+        return sum(counts(t) and t.state in states and (before is None or t.number < before) for t in trials)
 
-    while taken() < n_trials:
-        trial = study.ask()
+    def guarded(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", this_process())
         if taken(before=trial.number) >= n_trials:
             trial.set_user_attr("not_run", "the study was full")
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return
+            raise _StudyFull
         try:
-            value = objective(trial)
-        except optuna.TrialPruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return objective(trial)
         except MnistlabError as e:  # this trial's settings failed (diverged, ...): the study goes on
             log.warning("trial %d failed: %s", trial.number, e)
             trial.set_user_attr("error", str(e))
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        except BaseException:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return float("nan")  # Optuna closes a NaN trial as failed
+        except SystemExit:  # SIGTERM, Ctrl-C: this trial failed, its parameters run again later
+            study.tell(trial, state=TrialState.FAIL)
+            RETRY(study, study.get_trials(deepcopy=False)[trial.number])
             raise
-        else:
-            study.tell(trial, value)
+
+    while True:
+        reclaim_lost_trials(study)
+        if taken(states=FINISHED) >= n_trials:
+            return
+        if taken() >= n_trials:  # the rest are running in other workers
+            time.sleep(wait)
+            continue
+        study.optimize(guarded, n_trials=1, catch=(_StudyFull,))
 
 
-def sqlite_storage(url: str) -> optuna.storages.RDBStorage:
-    """An sqlite study file that workers share. Two workers started at once on a new file can both
-    try to write its tables; the one that loses finds the file made, so it opens it again."""
-    for attempt in range(3):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):  # "already exists"
-            if attempt == 2:
-                raise
-            time.sleep(1)
+def open_storage(cfg: DictConfig):
+    """The study's storage from `storage=`: None (in memory), `journal:PATH`, or a database URL
+    (sqlite, PostgreSQL, MySQL) with Optuna's heartbeat and grace period."""
+    url = cfg.storage
+    if not url:
+        return None
+    url = str(url)
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:").removeprefix("//"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    heartbeat = {
+        "heartbeat_interval": int(cfg.heartbeat_interval),
+        "grace_period": int(cfg.grace_period),
+        "failed_trial_callback": RETRY,
+    }
+    if url.startswith("sqlite"):  # workers sharing the file wait for its lock
+        # Two workers started at once on a new file can both try to write its tables; the one
+        # that loses finds the file made, so it opens it again.
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": {"timeout": 60}}, **heartbeat
+                )
+            except sqlalchemy.exc.IntegrityError:  # "already exists"
+                if attempt == 2:
+                    raise
+                time.sleep(1)
+    return optuna.storages.RDBStorage(url, **heartbeat)
 
 
 def search(cfg: DictConfig) -> optuna.Study:
     space = cfg.hparams_search
     if not as_integer(cfg.n_trials) >= 1:
         raise MnistlabError(f"n_trials={cfg.n_trials!r} is not allowed; use an integer >= 1")
-    study_dir = Path(HydraConfig.get().runtime.output_dir)
     base = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(SEARCH_KEYS)]
-    storage = cfg.storage
-    if storage and str(storage).startswith("sqlite"):  # workers sharing the file wait for its lock
-        storage = sqlite_storage(str(storage))
+    study_dir = RunDir.from_hydra()
+    study_dir.adopt_config()
     try:
+        storage = open_storage(cfg)
         study = optuna.create_study(
             study_name=space.study_name,
             storage=storage,
@@ -161,16 +218,21 @@ def search(cfg: DictConfig) -> optuna.Study:
             sampler=optuna.samplers.TPESampler(seed=cfg.seed if not cfg.storage else cfg.seed + os.getpid()),
             pruner=optuna.pruners.MedianPruner(**space.get("pruner", {})),
         )
-    except (ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
+    except (ValueError, ImportError, OSError, sqlalchemy.exc.SQLAlchemyError) as e:
+        first = (str(e).splitlines() or [""])[0][:160]
         raise MnistlabError(
-            f"storage={cfg.storage} cannot be opened ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-            "pass storage=sqlite:///logs/<study>.db or a PostgreSQL/MySQL URL"
+            f"storage={cfg.storage} cannot be opened ({type(e).__name__}: {first}); pass a writable "
+            "storage=journal:logs/<study>.journal, sqlite:///logs/<study>.db or a PostgreSQL URL"
         ) from None
     if space.get("shape") and space.get("max_params"):
         check_some_shape_fits(space, base)
     done = sum(t.state in FINISHED and counts(t) for t in study.get_trials(deepcopy=False))
     log.info(
-        "study %s: %d of %d trials done; this worker in %s", space.study_name, done, cfg.n_trials, study_dir
+        "study %s: %d of %d trials done; this worker in %s",
+        space.study_name,
+        done,
+        cfg.n_trials,
+        study_dir.path,
     )
 
     def objective(trial: optuna.Trial) -> float:
@@ -178,7 +240,7 @@ def search(cfg: DictConfig) -> optuna.Study:
         if space.get("shape"):
             shape = {name: suggest(trial, f"shape.{name}", spec) for name, spec in space.shape.items()}
             sampled.append(layers_override(shape))
-        trial_dir = study_dir / f"trial_{trial.number:03d}"
+        trial_dir = RunDir(study_dir.path / f"trial_{trial.number:03d}")
         trial_cfg = compose("train", overrides=[*base, *sampled], return_hydra_config=True)
         if space.get("max_params"):  # over budget: refused before anything trains
             params = count_params(instantiate(trial_cfg.model))
@@ -193,15 +255,13 @@ def search(cfg: DictConfig) -> optuna.Study:
                 )
                 raise optuna.TrialPruned()
         with open_dict(trial_cfg):
-            trial_cfg.hydra.runtime.output_dir = str(trial_dir)
+            trial_cfg.hydra.runtime.output_dir = str(trial_dir.path)
         HydraConfig.instance().set_config(trial_cfg)
         with open_dict(trial_cfg):
             del trial_cfg["hydra"]  # as a Hydra app's task sees it; ${hydra:...} reads HydraConfig
-        (trial_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(trial_cfg, trial_dir / ".hydra" / "config.yaml")
-        OmegaConf.save(OmegaConf.create([*base, *sampled]), trial_dir / ".hydra" / "overrides.yaml")
+        trial_dir.save_config(trial_cfg, [*base, *sampled])
         reporter = ReportToTrial(trial)
-        metrics = train(trial_cfg, callbacks=[reporter])
+        metrics = train(trial_cfg, trial_dir, callbacks=[reporter])
         if reporter.pruned:
             raise optuna.TrialPruned()
         return metrics[space.metric]
@@ -209,7 +269,7 @@ def search(cfg: DictConfig) -> optuna.Study:
     run_trials(study, objective, cfg.n_trials)
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         raise MnistlabError(
-            f"no trial of study {space.study_name} finished; see the trial logs in {study_dir}"
+            f"no trial of study {space.study_name} finished; see the trial logs in {study_dir.path}"
         )
     best = study.best_trial
     sampled = [f"{k}={v}" for k, v in best.params.items() if not k.startswith("shape.")]

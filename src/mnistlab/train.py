@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mnistlab import MnistlabError, as_integer, instantiate, lightning_trainer_defaults
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.models import count_params
 from mnistlab.module import Classifier
-from mnistlab.runs import RunRecord, flat_hparams, machine, resume_checkpoint, source_commit
+from mnistlab.runs import RunDir, RunRecord, flat_hparams, machine, resume_checkpoint, source_commit
 from mnistlab.summary import format_table
 
 log = logging.getLogger(__name__)
@@ -112,12 +115,46 @@ def chosen_config(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(shown)
 
 
-def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
+@contextmanager
+def sigterm_raises(trainer: L.Trainer):
+    """SIGTERM raises `SIGTERMException` wherever it lands (fetching data, setting up, testing),
+    so the run records `interrupted` and temporary files are removed on the way out. Inside the
+    fit loop Lightning's own handler runs first and stops at the next batch; this one then
+    leaves it to Lightning."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if not trainer.received_sigterm:
+            raise SIGTERMException
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(cfg: DictConfig, run_dir: RunDir | str | Path, callbacks: list[L.Callback] = ()) -> dict:
     """Fit, test the checkpoint with the best `val/acc` (the last one when there is no
-    validation set), and write `metrics.json` in the run directory. Returns the metrics."""
+    validation set), and write `metrics.json` in `run_dir`. Returns the metrics.
+
+    The directory is locked for this process first (a second one is refused at once), and
+    nothing in it changes until every check has passed."""
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    owner = rank_zero_only.rank == 0  # DDP: the other ranks work in rank 0's directory
+    if owner:
+        run_dir.lock()
+    try:
+        return _train(cfg, run_dir, callbacks)
+    finally:
+        if owner:
+            run_dir.unlock()
+
+
+def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback]) -> dict:
     seed = check_seed(cfg.seed)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    log.info("run directory: %s\n%s", run_dir, chosen_config(cfg))
     L.seed_everything(seed, workers=True, verbose=False)  # the printed config shows it
     datamodule = instantiate(cfg.data, shuffle_seed=seed)  # the run's seed orders its batches
     datamodule.prepare_data()  # the files are read here to learn the images' shape
@@ -132,6 +169,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         raise MnistlabError("trainer.limit_train_batches=0 trains nothing; use a value above 0")
     resume_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir, model.hparams, epochs)
     trainer = build_trainer(cfg, callbacks)
+    run_dir.adopt_config()  # accepted: from here on the run directory is this run's
+    log.info("run directory: %s\n%s", run_dir.path, chosen_config(cfg))
     log.info("model:\n%s", format_table(model.net, model.hparams.data["input_shape"]))
     if cfg.compile:
         compile_network(model.net, trainer.strategy.root_device)
@@ -145,13 +184,14 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     )
     trainer.callbacks.append(record)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path)
-        val_best = trainer.callback_metrics.get("val/acc_best")
-        monitored_first = sorted(trainer.checkpoint_callbacks, key=lambda c: c.monitor is None)
-        best = next((Path(c.best_model_path) for c in monitored_first if c.best_model_path), None)
-        best = run_dir / "checkpoints" / best.name if best else None  # a moved run's files moved too
-        (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
-        test |= stress_test(trainer, model, cfg.data, ckpt_path=best)
+        with sigterm_raises(trainer):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path)
+            val_best = trainer.callback_metrics.get("val/acc_best")
+            monitored_first = sorted(trainer.checkpoint_callbacks, key=lambda c: c.monitor is None)
+            best = next((Path(c.best_model_path) for c in monitored_first if c.best_model_path), None)
+            best = run_dir.checkpoints / best.name if best else None  # a moved run's files moved too
+            (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+            test |= stress_test(trainer, model, cfg.data, ckpt_path=best)
     except MnistlabError as e:
         record.end("failed", error=str(e))
         raise
@@ -167,7 +207,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         epochs=trainer.current_epoch,
         **test,  # test/*, stress/* and (with a validation split) stress_val/*
         **{"val/acc_best": None if val_best is None else float(val_best)},
-        checkpoint=str(best.relative_to(run_dir)) if best else None,
+        checkpoint=str(best.relative_to(run_dir.path)) if best else None,
     )
     # Every tracker gets this run's settings; its final figures (test/*, stress/*, val/acc_best)
     # reached each one as they were logged.
