@@ -11,7 +11,7 @@ import inspect
 import pickle
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mnistlab import MnistlabError, as_number, instantiate
+
+if TYPE_CHECKING:
+    from mnistlab.distill import Distillation
 
 
 def plain(cfg: Any) -> Any:
@@ -35,6 +38,7 @@ class Classifier(L.LightningModule):
         scheduler: dict | None = None,
         num_classes: int = 10,
         label_smoothing: float = 0.0,
+        distillation: Distillation | None = None,
     ):
         super().__init__()
         lr = plain(optimizer).get("lr")
@@ -64,6 +68,7 @@ class Classifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
+        self.distillation = distillation  # teachers (distill.py): not a submodule, so never saved
 
     def forward(self, x):
         return self.net(x)
@@ -81,7 +86,11 @@ class Classifier(L.LightningModule):
         return loss, logits
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train", self.train_acc)[0]
+        loss, logits = self._step(batch, "train", self.train_acc)
+        if self.distillation:  # train/loss stays the labels' loss; the optimised one mixes in the teachers'
+            loss, logs = self.distillation.loss(logits, *batch, loss)
+            self.log_dict(logs, on_step=False, on_epoch=True)
+        return loss
 
     def validation_step(self, batch, batch_idx):
         return self._step(batch, "val", self.val_acc)[1]  # the logits, for callbacks' pictures

@@ -26,6 +26,7 @@ from mnistlab.cli import lightning_trainer_defaults
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.models import count_params
 from mnistlab.module import Classifier
+from mnistlab.precision import trainer_precision
 from mnistlab.runs import RunRecord, flat_hparams, machine, resume_checkpoint, source_commit
 from mnistlab.summary import format_table
 
@@ -33,8 +34,12 @@ log = logging.getLogger(__name__)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = (), **overrides) -> L.Trainer:
-    """The configured Trainer, with checkpoints written atomically and no live progress bar
-    where nobody watches one (a pipe, a file, CI)."""
+    """The configured Trainer, with checkpoints written atomically, `trainer.precision=auto`
+    resolved for this machine, and no live progress bar where nobody watches one (a pipe, a
+    file, CI)."""
+    if "precision" not in overrides:
+        overrides["precision"], why = trainer_precision(cfg.trainer)
+        log.info("precision: %s (%s)", overrides["precision"], why)
     callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c), *callbacks]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
     if cfg.get("data") and cfg.data.val_size == 0:
@@ -102,17 +107,24 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     log.info("run directory: %s\n%s", run_dir, chosen_config(cfg))
     L.seed_everything(seed, workers=True, verbose=False)  # the printed config shows it
     datamodule = instantiate(cfg.data, shuffle_seed=seed)  # the run's seed orders its batches
-    model = Classifier(cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing)
+    teachers = instantiate(cfg.distill) if cfg.get("distill") else None  # conf/distill/
+    model = Classifier(
+        cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing, distillation=teachers
+    )
     epochs, batches = cfg.trainer.max_epochs, cfg.trainer.get("limit_train_batches")
     if not as_integer(epochs) >= 1:
         raise MnistlabError(f"trainer.max_epochs={epochs!r} is not allowed; use an integer >= 1")
     if batches is not None and batches == 0:
         raise MnistlabError("trainer.limit_train_batches=0 trains nothing; use a value above 0")
     resume_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir, model.hparams, epochs)
-    trainer = build_trainer(cfg, callbacks)
+    precision, precision_why = trainer_precision(cfg.trainer)
+    log.info("precision: %s (%s)", precision, precision_why)
+    trainer = build_trainer(cfg, callbacks, precision=precision)
     log.info("model:\n%s", format_table(model.net))
     if cfg.compile:
         compile_network(model.net, trainer.strategy.root_device)
+        for teacher in teachers.nets if teachers else ():
+            compile_network(teacher, trainer.strategy.root_device)
 
     record = RunRecord(
         run_dir,
@@ -120,6 +132,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         params=count_params(model.net),
         commit=source_commit(),
         machine=machine(trainer.strategy.root_device),
+        precision=precision,
+        precision_why=precision_why,
+        **({"teacher": teachers.record()} if teachers else {}),
     )
     trainer.callbacks.append(record)
     try:
