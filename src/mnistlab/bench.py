@@ -13,6 +13,7 @@ path's achieved FLOP/s against the machine's own matmul peak, measured in the sa
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import statistics
 import time
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from mnistlab import PROJECT_ROOT, instantiate
+from mnistlab.cli import quiet_console
 from mnistlab.data import (
     MEAN,
     STD,
@@ -179,6 +181,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time (b) compiled, and in bf16 autocast")
     args = parser.parse_args()
+    quiet_console()
+    # each timed path is its own Trainer: their start and stop lines would bury the table
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     MNISTDataModule(data_dir=args.data_dir).prepare_data()
     torch.manual_seed(0)
     images, labels = read_idx(f"{args.data_dir}/{TRAIN_IMAGES}"), read_idx(f"{args.data_dir}/{TRAIN_LABELS}")

@@ -30,7 +30,7 @@ def choose_precision(device_type: str, cpu_flags: set[str], cuda_bf16: bool) -> 
         if "amx_bf16" in cpu_flags:
             return BF16, "the CPU has AMX bf16 matrix units"
         if "avx512_bf16" in cpu_flags:
-            return FP32, "the CPU has AVX-512-BF16 but no AMX, where bf16 trains slower than fp32"
+            return FP32, "the CPU has AVX-512-BF16 but no AMX, where bf16 is not reliably faster"
         return FP32, "the CPU has no native bf16 (no AMX, no AVX-512-BF16)"
     return FP32, f"bf16 is not chosen automatically on {device_type}"
 
