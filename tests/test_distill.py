@@ -15,7 +15,7 @@ from conftest import CONF, ROOT
 from mnistlab import MnistlabError
 from mnistlab.augment import fixed_affine, tta_views
 from mnistlab.cli import one_line_errors
-from mnistlab.data import MNISTDataModule
+from mnistlab.data import IDXDataModule
 from mnistlab.distill import Distillation
 from mnistlab.evaluate import evaluate
 from mnistlab.module import Classifier
@@ -40,7 +40,9 @@ def fit_student(tiny_mnist, distillation: Distillation | None, steps: int = 3) -
     L.seed_everything(0, verbose=False)
     student = Classifier(STUDENT, ADAM, distillation=distillation)
     losses = FirstLosses()
-    datamodule = MNISTDataModule(tiny_mnist.data_dir, 100, 1000, 200, checksums=tiny_mnist.checksums)
+    datamodule = IDXDataModule(
+        tiny_mnist.data_dir, checksums=tiny_mnist.checksums, batch_size=100, train_size=1000, val_size=200
+    )
     trainer = L.Trainer(
         max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", callbacks=[losses],

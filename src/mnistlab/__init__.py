@@ -1,11 +1,14 @@
 """mnistlab: small-CNN experiments on MNIST with Lightning and Hydra."""
 
+import sys
 from pathlib import Path
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/mnistlab/__init__.py -> the checkout
+if str(PROJECT_ROOT) not in sys.path:  # `extensions/`, a researcher's own code, from any folder
+    sys.path.append(str(PROJECT_ROOT))
 
 
 class MnistlabError(Exception):

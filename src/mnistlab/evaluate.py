@@ -10,16 +10,16 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from mnistlab import instantiate
+from mnistlab import MnistlabError, instantiate
 from mnistlab.augment import tta_views
-from mnistlab.data import MNISTDataModule, standardize, to_unit
+from mnistlab.data import IDXDataModule, standardize, to_unit
 from mnistlab.files import write_json
 from mnistlab.module import load_classifier
 from mnistlab.train import build_trainer, stress_test
 
 
 @torch.no_grad()
-def tta_accuracy(net: torch.nn.Module, datamodule: MNISTDataModule, batches: int | float) -> float:
+def tta_accuracy(net: torch.nn.Module, datamodule: IDXDataModule, batches: int | float) -> float:
     """Accuracy on the first `batches` test batches (those `trainer.test` ran) when each image's
     softmax is averaged over its TTA views (augment.TTA_VIEWS)."""
     net.eval()
@@ -29,7 +29,8 @@ def tta_accuracy(net: torch.nn.Module, datamodule: MNISTDataModule, batches: int
         if index >= batches:
             break
         images, labels = to_unit(images.to(device)), labels.to(device)
-        probabilities = sum(torch.softmax(net(standardize(view)), dim=1) for view in tta_views(images))
+        views = (standardize(view, datamodule.mean, datamodule.std) for view in tta_views(images))
+        probabilities = sum(torch.softmax(net(view), dim=1) for view in views)
         correct += int((probabilities.argmax(1) == labels).sum())
         total += len(labels)
     return correct / total
@@ -37,6 +38,11 @@ def tta_accuracy(net: torch.nn.Module, datamodule: MNISTDataModule, batches: int
 
 def evaluate(cfg: DictConfig) -> dict:
     model = load_classifier(cfg.ckpt_path)
+    if model.hparams.num_classes != cfg.data.num_classes:
+        raise MnistlabError(
+            f"{cfg.ckpt_path} predicts {model.hparams.num_classes} classes and the data has "
+            f"{cfg.data.num_classes}; pass the data= the checkpoint was trained on"
+        )
     trainer = build_trainer(cfg, enable_checkpointing=False)  # eval.yaml has no callbacks or loggers
     datamodule = instantiate(cfg.data)
     (metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)

@@ -1,7 +1,7 @@
 """The task behind `export.py`: a checkpoint's network as ONNX, checked against PyTorch.
 
-The ONNX graph takes `[N, 1, 28, 28]` float images normalised with mean 0.1307 and std 0.3081
-(any N) and returns `[N, 10]` logits. Before the file is put in place, onnxruntime runs it on
+The ONNX graph takes `[N, C, H, W]` float images normalised as the network's data (MNIST's:
+`[N, 1, 28, 28]`, mean 0.1307, std 0.3081; any N) and returns `[N, classes]` logits. Before the file is put in place, onnxruntime runs it on
 real test images and its logits must match PyTorch's to 1e-4.
 """
 
@@ -30,7 +30,7 @@ def export_onnx(net: nn.Module, path: str | Path, check_images: torch.Tensor) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = net.eval().cpu()
-    example = torch.zeros(2, 1, 28, 28)
+    example = torch.zeros(2, *check_images.shape[1:])
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(fd)
     try:
@@ -76,7 +76,7 @@ def official_test_set(data_cfg) -> Split:
 
 def first_test_images(data_cfg, count: int) -> torch.Tensor:
     """The first `count` official test images, normalised as the network takes them."""
-    return standardize(to_unit(official_test_set(data_cfg).images[:count]))
+    return standardize(to_unit(official_test_set(data_cfg).images[:count]), data_cfg.mean, data_cfg.std)
 
 
 def output_path(ckpt_path: str | Path, output: str | None, overwrite: bool) -> Path:
@@ -100,9 +100,15 @@ def output_path(ckpt_path: str | Path, output: str | None, overwrite: bool) -> P
 
 def export(cfg) -> float:
     """Export the checkpoint, checked on the first `check_images` official test images."""
-    net = load_classifier(cfg.ckpt_path).net
+    model = load_classifier(cfg.ckpt_path)
     path = output_path(cfg.ckpt_path, cfg.output, cfg.overwrite)
     images = first_test_images(cfg.data, cfg.check_images)
+    if list(images.shape[1:]) != list(model.hparams.data["input_shape"]):
+        raise MnistlabError(
+            f"{cfg.ckpt_path} takes {model.hparams.data['input_shape']} images, the data config gives "
+            f"{list(images.shape[1:])}; pass the data= the checkpoint was trained on"
+        )
+    net = model.net
     worst = export_onnx(net, path, check_images=images)
     print(f"{path}: ONNX logits match PyTorch within {worst:.1e} on {len(images)} test images")
     return worst

@@ -146,7 +146,10 @@ def _describe(config: dict) -> dict[str, str]:
     if sched_name == "StepLR":
         sched_name += f" {scheduler.get('step_size')}×{scheduler.get('gamma')}"
     model, data = config.get("model", {}), config.get("data", {})
-    has_dropout = any(str(line).split()[0] == "dropout" for line in model.get("layers", []))
+    # a layer list uses model.dropout only where it has a `dropout` line; any other network, if it takes one
+    has_dropout = "dropout" in model and (
+        "layers" not in model or any(str(line).split()[0] == "dropout" for line in model["layers"])
+    )
     return {
         "batch": str(data.get("batch_size", "")),
         "optimizer": f"{optimizer.get('_target_', '?').rsplit('.', 1)[-1]} {optimizer.get('lr'):.4g}",

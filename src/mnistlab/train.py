@@ -64,14 +64,33 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = (), **overrides
 
 
 def stress_test(trainer: L.Trainer, model: L.LightningModule, data_cfg: DictConfig, ckpt_path=None) -> dict:
-    """`stress/acc` and `stress/loss`: the model tested on the stress test set; with a
-    validation split, also `stress_val/acc` on its stressed copy, the figure to choose by."""
+    """`stress/*`: the model tested on the stress test set; with a validation split, also
+    `stress_val/*` on its stressed copy, the figure to choose by. Logged under those names, never
+    as `test/*`. MNIST digits only: other data gets no stress figures."""
+    if not data_cfg.get("digits"):
+        log.info("stress sets: distorted MNIST digits, not made for this dataset (data.digits=false)")
+        return {}
     results = {}
     for name in ("stress", "stress_val") if data_cfg.val_size else ("stress",):
         datamodule = instantiate(data_cfg, test_set=name)
-        (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-        results |= {f"{name}/acc": metrics["test/acc"], f"{name}/loss": metrics["test/loss"]}
+        model.test_prefix = name
+        try:
+            (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        finally:
+            model.test_prefix = "test"
+        results |= metrics
     return results
+
+
+def data_facts(datamodule) -> dict:
+    """What a network trained on `datamodule` takes and gives, saved in its checkpoints."""
+    return {
+        "num_classes": datamodule.num_classes,
+        "input_shape": datamodule.input_shape,
+        "mean": datamodule.mean,
+        "std": datamodule.std,
+        "digits": datamodule.digits,
+    }
 
 
 def compile_network(net: torch.nn.Module, device: torch.device) -> None:
@@ -107,10 +126,12 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     log.info("run directory: %s\n%s", run_dir, chosen_config(cfg))
     L.seed_everything(seed, workers=True, verbose=False)  # the printed config shows it
     datamodule = instantiate(cfg.data, shuffle_seed=seed)  # the run's seed orders its batches
+    datamodule.prepare_data()  # the files are read here to learn the images' shape
     teachers = instantiate(cfg.distill) if cfg.get("distill") else None  # conf/distill/
     model = Classifier(
-        cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing, distillation=teachers
-    )
+        cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing,
+        metrics=cfg.get("metrics"), data=data_facts(datamodule), distillation=teachers,
+    )  # fmt: skip
     epochs, batches = cfg.trainer.max_epochs, cfg.trainer.get("limit_train_batches")
     if not as_integer(epochs) >= 1:
         raise MnistlabError(f"trainer.max_epochs={epochs!r} is not allowed; use an integer >= 1")
@@ -120,7 +141,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     precision, precision_why = trainer_precision(cfg.trainer)
     log.info("precision: %s (%s)", precision, precision_why)
     trainer = build_trainer(cfg, callbacks, precision=precision)
-    log.info("model:\n%s", format_table(model.net))
+    log.info("model:\n%s", format_table(model.net, model.hparams.data["input_shape"]))
     if cfg.compile:
         compile_network(model.net, trainer.strategy.root_device)
         for teacher in teachers.nets if teachers else ():
@@ -162,18 +183,23 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         **{"val/acc_best": None if val_best is None else float(val_best)},
         checkpoint=str(best.relative_to(run_dir)) if best else None,
     )
-    for logger in trainer.loggers:  # the HParams tab: this run's settings beside its results
-        if isinstance(logger, TensorBoardLogger):
-            metrics = record.metrics
+    # Every tracker gets this run's settings; its final figures (test/*, stress/*, val/acc_best)
+    # reached each one as they were logged.
+    metrics = record.metrics
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):  # the HParams tab pairs settings with these names
             final = {"hp/test_acc": metrics["test/acc"], "hp/val_acc_best": metrics["val/acc_best"] or 0.0}
             logger.log_hyperparams(flat_hparams(cfg), final)
-            # written after the Trainer closed its loggers: flush and close again, or the next
-            # job of a sweep (same process) or the process's exit can beat the writer thread
-            logger.finalize("success")
+        else:
+            logger.log_hyperparams(flat_hparams(cfg))
+        # written after the Trainer closed its loggers: flush and close again, or the next
+        # job of a sweep (same process) or the process's exit can beat the writer thread
+        logger.finalize("success")
     if trainer.is_global_zero:
         log.info(
-            "test/acc %.4f  test/loss %.4f  stress/acc %.4f%s  (%s)",
-            test["test/acc"], test["test/loss"], test["stress/acc"],
+            "test/acc %.4f  test/loss %.4f%s%s  (%s)",
+            test["test/acc"], test["test/loss"],
+            f"  stress/acc {test['stress/acc']:.4f}" if "stress/acc" in test else "",
             f"  stress_val/acc {test['stress_val/acc']:.4f}" if "stress_val/acc" in test else "", best,
         )  # fmt: skip
     return record.metrics
