@@ -149,3 +149,14 @@ def test_runs_group_by_their_teacher_and_the_precision_they_trained_in():
     keys = [r.key for r in [old, new, bf16, *teachers]]
     assert keys[0] == keys[1] and keys[2] != keys[0]
     assert keys[3] == keys[4] and keys[5] != keys[3] and keys[3] != keys[0]
+
+
+def test_a_researchers_own_network_is_a_row_with_its_name_params_and_dropout():
+    """Any `_target_` network, not only a layer list: its `model=` choice names the row, and its
+    dropout shows when its constructor takes one."""
+    own = run(1, 0.9900, 0.9890)
+    own.config["model"] = {"_target_": "extensions.small_resnet.SmallResNet", "width": 16, "dropout": 0.1}
+    own.overrides = ["seed=1", "model=small_resnet"]
+    own.metrics["params"] = 9690
+    (row,) = [line for line in build_report([own]).splitlines() if line.startswith("| `")]
+    assert row.startswith("| `model=small_resnet` | 9,690 |") and "| 0.1 |" in row
