@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -59,16 +60,26 @@ def test_an_explicit_precision_wins(given):
     assert precision == str(given) and "was given" in why
 
 
-def test_a_run_says_which_precision_it_chose_and_why(finished_run):
-    run_dir, result = finished_run  # train.py with no precision override
+def test_a_run_says_which_precision_it_chose_and_why(compose_train, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mnistlab")
+    train(compose_train("debug=fdr"), tmp_path)  # no precision override: `auto`
     expected, why = trainer_precision({"precision": "auto", "accelerator": "auto"})
-    recorded = json.loads((run_dir / "metrics.json").read_text())
+    recorded = json.loads((tmp_path / "metrics.json").read_text())
     assert (recorded["precision"], recorded["precision_why"]) == (expected, why)
-    assert f"precision: {expected} ({why})" in result.stdout + result.stderr
+    assert f"precision: {expected} ({why})" in caplog.text
+
+
+@pytest.mark.integration
+def test_the_train_script_prints_the_chosen_precision(script_run):
+    run_dir, result = script_run
+    recorded = json.loads((run_dir / "metrics.json").read_text())
+    assert (
+        f"precision: {recorded['precision']} ({recorded['precision_why']})" in result.stdout + result.stderr
+    )
 
 
 def test_an_explicit_precision_is_recorded_as_given(compose_train, tmp_path):
-    train(compose_train("debug=fdr", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed"))
+    train(compose_train("debug=fdr", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed"), tmp_path)
     recorded = json.loads((tmp_path / "metrics.json").read_text())
     assert recorded["precision"] == "bf16-mixed"
     assert recorded["precision_why"] == "trainer.precision=bf16-mixed was given"
