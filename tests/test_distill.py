@@ -85,7 +85,7 @@ def test_a_distilled_run_records_its_teachers_files_and_hashes(compose_train, tm
     assert recorded["files"] == [
         {"path": str(f.resolve()), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files
     ]
-    assert (recorded["temperature"], recorded["weight"]) == (4.0, 0.7)
+    assert (recorded["temperature"], recorded["weight"], recorded["standardize"]) == (4.0, 0.7, False)
     logged = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/teacher_acc", "train/agreement", "train/distill_loss"} <= set(logged)
 

@@ -3,13 +3,18 @@ outputs (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"):
 
     loss = (1 - weight) * CE(student, labels) + weight * T^2 * KL(p_teacher,T || p_student,T)
 
-where p_x,T = softmax(logits_x / T); T^2 keeps the soft term's gradients on the scale of the
-hard one's as T changes. Any student, any teacher: a teacher is released weights
-(`weights/<name>.pt` with the `<name>.json` beside it, whose `model` names the layers) or a
-checkpoint written by train.py; several teachers are an ensemble whose softened probabilities
-are averaged. The teachers see the student's augmented batch, in eval mode and without
-gradients; they live outside the student's module, so they are never in its optimizer, its
-moving average or its checkpoint.
+where p_x,T = softmax(logits_x / T), or softmax(zscore(logits_x) / T) with `standardize`; T^2
+keeps the soft term's gradients on the scale of the hard one's as T changes. Any student, any
+teacher: a teacher is released weights (`weights/<name>.pt` with the `<name>.json` beside it,
+whose `model` names the layers) or a checkpoint written by train.py; several teachers are an
+ensemble whose softened probabilities are averaged. The teachers see the student's augmented
+batch, in eval mode and without gradients; they live outside the student's module, so they are
+never in its optimizer, its moving average or its checkpoint.
+
+`standardize` (Sun et al. 2024, "Logit Standardization in Knowledge Distillation") compares the
+logits after dividing each image's by their standard deviation (mean removed): the student
+matches the shape of the teacher's outputs, not their scale. A label-smoothed teacher (the
+released gap_cnn's logits span ~4.75) otherwise holds a small student's margins as small as its own.
 """
 
 from __future__ import annotations
@@ -72,7 +77,9 @@ def load_teacher(path: Path) -> nn.Module:
 class Distillation:
     """The teachers and the mixed loss; `Classifier.training_step` asks it for the loss."""
 
-    def __init__(self, teachers: list[str], temperature: float = 4.0, weight: float = 0.5):
+    def __init__(
+        self, teachers: list[str], temperature: float = 4.0, weight: float = 0.5, standardize: bool = False
+    ):
         if not teachers or isinstance(teachers, str):
             raise MnistlabError(
                 f"distill.teachers={teachers!r} is not a list of files; pass distill.teachers=[PATH,...]"
@@ -82,7 +89,7 @@ class Distillation:
         if not 0 <= as_number(weight) <= 1:
             raise MnistlabError(f"distill.weight={weight!r} is not allowed; use a value in [0, 1]")
         self.paths = [Path(str(t)).expanduser() for t in teachers]
-        self.temperature, self.weight = float(temperature), float(weight)
+        self.temperature, self.weight, self.standardize = float(temperature), float(weight), bool(standardize)
         self.nets = [load_teacher(path) for path in self.paths]
 
     def record(self) -> dict:
@@ -92,7 +99,15 @@ class Distillation:
             "files": [{"path": str(file.resolve()), "sha256": sha256(file)} for file in files],
             "temperature": self.temperature,
             "weight": self.weight,
+            "standardize": self.standardize,
         }
+
+    def soften(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits as the soft targets compare them: standardized if asked, divided by T."""
+        logits = logits.float()
+        if self.standardize:
+            logits = (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + 1e-7)
+        return logits / self.temperature
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -100,7 +115,7 @@ class Distillation:
         total = 0
         for net in self.nets:
             net.to(images.device).eval()  # a no-op after the first batch on a device
-            total = total + torch.softmax(net(images).float() / self.temperature, dim=1)
+            total = total + torch.softmax(self.soften(net(images)), dim=1)
         return total / len(self.nets)
 
     def loss(
@@ -109,7 +124,7 @@ class Distillation:
         """The training loss mixing `label_loss` with the soft term, and what to log: the soft
         term, the teachers' accuracy on this batch, and how often the student agrees with them."""
         teacher = self.probabilities(images)
-        student = F.log_softmax(logits.float() / self.temperature, dim=1)
+        student = F.log_softmax(self.soften(logits), dim=1)
         soft = F.kl_div(student, teacher, reduction="batchmean") * self.temperature**2
         loss = (1 - self.weight) * label_loss + self.weight * soft
         teacher_digit = teacher.argmax(1)
