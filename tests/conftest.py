@@ -124,7 +124,7 @@ def finished_run(tiny_mnist, tmp_path_factory) -> Path:
     from mnistlab.train import train
 
     run_dir = tmp_path_factory.mktemp("run")
-    train(compose_tiny(tiny_mnist, run_dir, "debug=limit"))
+    train(compose_tiny(tiny_mnist, run_dir, "debug=limit"), run_dir)
     GlobalHydra.instance().clear()
     return run_dir
 

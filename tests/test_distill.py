@@ -78,7 +78,7 @@ def test_a_distilled_run_records_its_teachers_files_and_hashes(compose_train, tm
     run_dir, _ = finished_run  # a checkpoint train.py wrote: the second teacher of an ensemble
     checkpoint = run_dir / json.loads((run_dir / "metrics.json").read_text())["checkpoint"]
     teachers = f"distill.teachers=[{RELEASED},{checkpoint}]"
-    metrics = train(compose_train("debug=limit", "distill=gap_cnn", teachers, "distill.weight=0.7"))
+    metrics = train(compose_train("debug=limit", "distill=gap_cnn", teachers, "distill.weight=0.7"), tmp_path)
     recorded = json.loads((tmp_path / "metrics.json").read_text())["teacher"]
     assert recorded == metrics["teacher"]
     files = [RELEASED, RELEASED.with_suffix(".json"), checkpoint]
@@ -104,9 +104,11 @@ def test_a_run_without_a_teacher_records_none(finished_run):
         ("distill.temperature=0", "distill.temperature=0 is not allowed; use a value > 0"),
     ],
 )
-def test_a_bad_teacher_is_one_line_before_any_work(compose_train, capsys, override, message):
+def test_a_bad_teacher_is_one_line_before_any_work(compose_train, tmp_path, capsys, override, message):
     with pytest.raises(SystemExit) as exit_info:
-        one_line_errors(train)(compose_train("debug=fdr", "distill=gap_cnn", override))
+        one_line_errors(lambda cfg: train(cfg, tmp_path))(
+            compose_train("debug=fdr", "distill=gap_cnn", override)
+        )
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 

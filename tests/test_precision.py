@@ -59,8 +59,9 @@ def test_an_explicit_precision_wins(given):
     assert precision == str(given) and "was given" in why
 
 
-def test_a_run_says_which_precision_it_chose_and_why(finished_run):
-    run_dir, result = finished_run  # train.py with no precision override
+@pytest.mark.integration
+def test_a_run_says_which_precision_it_chose_and_why(script_run):
+    run_dir, result = script_run  # train.py with no precision override
     expected, why = trainer_precision({"precision": "auto", "accelerator": "auto"})
     recorded = json.loads((run_dir / "metrics.json").read_text())
     assert (recorded["precision"], recorded["precision_why"]) == (expected, why)
@@ -68,7 +69,7 @@ def test_a_run_says_which_precision_it_chose_and_why(finished_run):
 
 
 def test_an_explicit_precision_is_recorded_as_given(compose_train, tmp_path):
-    train(compose_train("debug=fdr", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed"))
+    train(compose_train("debug=fdr", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed"), tmp_path)
     recorded = json.loads((tmp_path / "metrics.json").read_text())
     assert recorded["precision"] == "bf16-mixed"
     assert recorded["precision_why"] == "trainer.precision=bf16-mixed was given"
