@@ -13,7 +13,7 @@ space  := $(subst ,, )
 
 .DEFAULT_GOAL := install
 .PHONY: help install lock train sweep report release speedrun bench bench-demo demo test test-integration \
-	test-browser test-slurm test-all lint tensorboard clean
+	test-browser test-slurm test-all lint tensorboard mlflow clean
 
 help: ## This list.
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -105,6 +105,9 @@ lint: install ## ruff check and ruff format --check over the whole tree.
 
 tensorboard: install ## TensorBoard over logs/ at http://127.0.0.1:6006
 	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1 --port 6006
+
+mlflow: install ## The MLflow UI over the runs logged with logger=mlflow: http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(LOGS))/mlflow.db --host 127.0.0.1 --port 5000
 
 clean: ## Remove the environment and caches; data/, logs/ and weights/ are kept.
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
