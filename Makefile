@@ -106,8 +106,8 @@ lint: install ## ruff check and ruff format --check over the whole tree.
 tensorboard: install ## TensorBoard over logs/ at http://127.0.0.1:6006
 	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1 --port 6006
 
-mlflow: install ## The MLflow UI over the runs logged with logger=mlflow: http://127.0.0.1:5000
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(LOGS))/mlflow.db --host 127.0.0.1 --port 5000
+mlflow: install ## The MLflow UI over the runs of logger=mlflow (logs/mlflow.db) at http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/logs/mlflow.db --host 127.0.0.1 --port 5000
 
 clean: ## Remove the environment and caches; data/, logs/ and weights/ are kept.
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

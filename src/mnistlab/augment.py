@@ -108,6 +108,28 @@ AUGMENTATIONS: dict[str, Callable[..., torch.Tensor] | None] = {
 }
 
 
+# Test-time augmentation (eval.py tta=true): each test image as it is, shifted one pixel each way,
+# and rotated 5 degrees each way, as (degrees, right, down) in pixels; the softmaxes are averaged.
+TTA_VIEWS = ((0, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1), (5, 0, 0), (-5, 0, 0))
+
+
+def fixed_affine(images: torch.Tensor, degrees: float, right: float, down: float) -> torch.Tensor:
+    """Every image of [N, C, H, W] rotated by `degrees` and moved `right` and `down` pixels
+    (uncovered pixels 0, as in MNIST before normalisation)."""
+    n, _, height, width = images.shape
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    # affine_grid maps each output pixel to where it samples the input: a move is its negative
+    row = [[cos, -sin, -2 * right / width], [sin, cos, -2 * down / height]]
+    theta = torch.tensor(row, dtype=images.dtype, device=images.device).expand(n, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The TTA_VIEWS of a float batch in [0, 1], the untouched batch first."""
+    return [images, *(fixed_affine(images, *view) for view in TTA_VIEWS[1:])]
+
+
 def augment(images: torch.Tensor, name: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Apply the named pipeline of `AUGMENTATIONS` to a float batch in [0, 1]."""
     pipeline = AUGMENTATIONS[name]

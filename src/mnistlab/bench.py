@@ -12,6 +12,7 @@ path's achieved FLOP/s against the machine's own matmul peak, measured in the sa
 
 from __future__ import annotations
 
+import logging
 import platform
 import statistics
 import time
@@ -26,10 +27,14 @@ from mnistlab import PROJECT_ROOT, instantiate
 from mnistlab.cli import launch, one_line_errors
 from mnistlab.data import (
     MEAN,
+    MNIST_FILES,
+    MNIST_MD5,
+    MNIST_SOURCES,
     STD,
     TRAIN_IMAGES,
     TRAIN_LABELS,
     IDXDataModule,
+    ensure_files,
     read_idx,
     standardize,
     to_unit,
@@ -126,7 +131,7 @@ def time_lightning(
     module = Classifier(gap_cnn_config(), OPTIMIZER, None)
     if compile:
         module.net.compile()
-    datamodule = IDXDataModule(data_dir=data_dir, batch_size=batch_size, augment="rotate_shift")
+    datamodule = IDXDataModule(data_dir=data_dir, batch_size=batch_size, augment="rotate_shift", digits=True)
     trainer = L.Trainer(
         max_epochs=1 + repeats, limit_train_batches=batches, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -174,7 +179,9 @@ def time_pil_pipeline(data_dir: str, batch_size: int, batches: int, repeats: int
 def bench(cfg) -> dict[str, float]:
     """Time the three paths (and the compiled ones with `compile`); returns seconds per epoch."""
     data_dir, batch_size, batches, repeats = cfg.data_dir, cfg.batch_size, cfg.batches, cfg.repeats
-    IDXDataModule(data_dir=data_dir).prepare_data()
+    # each timed path is its own Trainer: their start and stop lines would bury the table
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    ensure_files(data_dir, MNIST_FILES, MNIST_MD5, MNIST_SOURCES)
     torch.manual_seed(0)
     images, labels = read_idx(f"{data_dir}/{TRAIN_IMAGES}"), read_idx(f"{data_dir}/{TRAIN_LABELS}")
     n = batch_size * batches

@@ -61,11 +61,18 @@ def register() -> None:
     - `${pid:}` names run directories, so two runs started in the same second never share one;
     - `${project_root:}` roots data/, logs/ and weights/ at the checkout (conf/paths/default.yaml);
     - `lightning_trainer` holds every Trainer argument at Lightning's default, so any
-      `trainer.NAME=VALUE` override works as Lightning documents it (conf/trainer/default.yaml).
+      `trainer.NAME=VALUE` override works as Lightning documents it (conf/trainer/default.yaml);
+    - the console without the libraries' noise (`quiet_console`).
     """
     OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
     ConfigStore.instance().store(name="lightning_trainer", node=lightning_trainer_defaults())
+    quiet_console()
+
+
+@functools.cache
+def quiet_console() -> None:
+    """Silence NOISE_LOGS and NOISE_WARNINGS: for the Hydra apps (via `register`) and `make bench`."""
     for logger, starts in NOISE_LOGS.items():
         logging.getLogger(logger).addFilter(_DropMessages(starts))
     for message in NOISE_WARNINGS:

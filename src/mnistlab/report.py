@@ -93,6 +93,16 @@ class Run:
         recording = recording_callbacks()
         config["callbacks"] = {k: v for k, v in callbacks if v and k not in recording}
         config.setdefault("label_smoothing", 0.0)  # runs from before the key existed had none
+        # the precision the run trained in (trainer.precision=auto resolved; unset was fp32)
+        precision = self.metrics.get("precision") or config["trainer"].get("precision")
+        config["trainer"]["precision"] = "32-true" if precision in (None, 32, "32") else str(precision)
+        # a teacher is part of the recipe, by its files' contents (distill=none and runs from
+        # before distillation have none)
+        if config.get("distill") or self.metrics.get("teacher"):
+            files = (self.metrics.get("teacher") or {}).get("files", [])
+            config["distill"] = {**(config.get("distill") or {}), "teachers": [f["sha256"] for f in files]}
+        else:
+            config.pop("distill", None)
         return json.dumps(config, sort_keys=True, default=str)
 
 
