@@ -11,8 +11,8 @@ from conftest import ROOT, run_script
 @pytest.mark.slow  # two compiles of the network: about a minute on 2 cores
 def test_bench_prints_its_table_and_none_of_the_libraries_noise(real_test_digits):
     result = run_script(
-        "-m", "mnistlab.bench", "--batches", "2", "--repeats", "1", "--workers", "0", "--compile",
-        "--data-dir", str(ROOT / "data"), timeout=600,
+        "-m", "mnistlab.bench", "batches=2", "repeats=1", "workers=0", "compile=true",
+        f"data_dir={ROOT / 'data'}", timeout=600,
     )  # fmt: skip
     console = result.stdout + result.stderr
     assert result.returncode == 0, console[-3000:]
