@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from mnistlab.cli import register
-from mnistlab.data import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, md5
+from mnistlab.data import MNIST_FILES, md5
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -55,15 +55,16 @@ def tiny_mnist(tmp_path_factory) -> TinyMnist:
     train_images, train_labels = tiny_digits(TINY_TRAIN, seed=0)
     test_images, test_labels = tiny_digits(TINY_TEST, seed=1)
     checksums = {}
-    for name, array in [
-        (TRAIN_IMAGES, train_images),
-        (TRAIN_LABELS, train_labels),
-        (TEST_IMAGES, test_images),
-        (TEST_LABELS, test_labels),
-    ]:
+    arrays = {
+        "train_images": train_images,
+        "train_labels": train_labels,
+        "test_images": test_images,
+        "test_labels": test_labels,
+    }
+    for role, array in arrays.items():
         raw = idx_bytes(array)
-        (data_dir / name).write_bytes(raw)
-        checksums[name] = md5(raw)
+        (data_dir / MNIST_FILES[role]).write_bytes(raw)
+        checksums[role] = md5(raw)
     config_dir = root / "conf"
     (config_dir / "data").mkdir(parents=True)
     lines = [
@@ -72,6 +73,7 @@ def tiny_mnist(tmp_path_factory) -> TinyMnist:
         "train_size: 1000",
         "val_size: 200",
         "batch_size: 100",
+        "sources: []",
         "checksums:",
         *(f"  {k}: {v}" for k, v in checksums.items()),
     ]
@@ -87,7 +89,8 @@ def compose_tiny(tiny_mnist, output_dir: Path, *overrides: str, config_name: str
         "data.train_size=1000",
         "data.val_size=200",
         "data.batch_size=100",
-        "+data.checksums={" + ",".join(f"{k}:{v}" for k, v in tiny_mnist.checksums.items()) + "}",
+        "data.checksums={" + ",".join(f"{k}:{v}" for k, v in tiny_mnist.checksums.items()) + "}",
+        "data.sources=[]",
     ]
     if config_name == "predict":  # reads no data set
         tiny = []
@@ -130,9 +133,9 @@ def finished_run(tiny_mnist, tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_test_digits():
     """The first 40 official test images and labels (fetched into data/ once, as `make train` does)."""
-    from mnistlab.data import MNIST_MD5, ensure_files, read_idx
+    from mnistlab.data import MNIST_MD5, MNIST_SOURCES, TEST_IMAGES, TEST_LABELS, ensure_files, read_idx
 
-    ensure_files(ROOT / "data", MNIST_MD5)
+    ensure_files(ROOT / "data", MNIST_FILES, MNIST_MD5, MNIST_SOURCES)
     return read_idx(ROOT / "data" / TEST_IMAGES)[:40], read_idx(ROOT / "data" / TEST_LABELS)[:40]
 
 

@@ -10,10 +10,12 @@ from conftest import ROOT, TINY_TEST, TINY_TRAIN, idx_bytes
 from mnistlab import MnistlabError, data
 from mnistlab.data import (
     MEAN,
+    MNIST_FILES,
     MNIST_MD5,
+    MNIST_SOURCES,
     STD,
     TRAIN_IMAGES,
-    MNISTDataModule,
+    IDXDataModule,
     ensure_files,
     read_idx,
 )
@@ -37,71 +39,128 @@ def test_read_idx_rejects_truncated_and_foreign_files(tmp_path):
 
 @pytest.fixture
 def copied_tiny(tiny_mnist, tmp_path):
-    """A private copy of the tiny files, so a test may damage them."""
-    for name in tiny_mnist.checksums:
-        (tmp_path / name).write_bytes((tiny_mnist.data_dir / name).read_bytes())
-    return tmp_path, tiny_mnist.checksums
+    """A private copy of the tiny files (tmp_path/data), so a test may damage them."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name in MNIST_FILES.values():
+        (data_dir / name).write_bytes((tiny_mnist.data_dir / name).read_bytes())
+    return data_dir, tiny_mnist.checksums
 
 
-def test_a_verified_copy_is_used_without_fetching(copied_tiny, monkeypatch):
+def source_folder(path, files: dict[str, bytes]) -> str:
+    """A real file:// source serving `files`, as a download mirror serves them."""
+    path.mkdir()
+    for name, body in files.items():
+        (path / name).write_bytes(body)
+    return path.as_uri() + "/"
+
+
+def test_a_verified_copy_is_used_without_fetching(copied_tiny, tmp_path):
     data_dir, checksums = copied_tiny
-
-    def no_fetch(names):
-        raise AssertionError(f"fetched {names} although a verified copy was there")
-
-    monkeypatch.setattr(data, "SOURCES", {"nothing": no_fetch})
-    assert ensure_files(data_dir, checksums) == data_dir
+    empty = source_folder(tmp_path / "empty", {})  # would fail if asked
+    assert ensure_files(data_dir, MNIST_FILES, checksums, [empty]) == data_dir
 
 
-def test_a_corrupt_file_is_fetched_again_and_replaced(copied_tiny, monkeypatch):
+def test_a_corrupt_file_is_kept_aside_and_a_verified_copy_fetched(copied_tiny, tmp_path, caplog):
     data_dir, checksums = copied_tiny
     good = (data_dir / TRAIN_IMAGES).read_bytes()
     (data_dir / TRAIN_IMAGES).write_bytes(good[: len(good) // 2])  # an interrupted download
-    asked = []
-
-    def broken_mirror(names):
-        raise OSError("no route to host")
-
-    def wrong_bytes(names):
-        asked.append(("wrong", names))
-        return {name: b"garbage" for name in names}
-
-    def good_source(names):
-        asked.append(("good", names))
-        return {TRAIN_IMAGES: good}
-
-    sources = {"mirror": broken_mirror, "wrong": wrong_bytes, "good": good_source}
-    monkeypatch.setattr(data, "SOURCES", sources)
-    ensure_files(data_dir, checksums)
+    sources = [
+        (tmp_path / "offline").as_uri() + "/",  # a mirror that is down
+        source_folder(tmp_path / "wrong", {TRAIN_IMAGES: b"garbage"}),
+        source_folder(tmp_path / "good", {TRAIN_IMAGES: good}),
+    ]
+    ensure_files(data_dir, MNIST_FILES, checksums, sources)
     assert (data_dir / TRAIN_IMAGES).read_bytes() == good
-    assert asked == [("wrong", [TRAIN_IMAGES]), ("good", [TRAIN_IMAGES])]
+    assert (data_dir / f"{TRAIN_IMAGES}.bad").read_bytes() == good[: len(good) // 2], (
+        "the user's file is kept"
+    )
+    assert f"kept as {TRAIN_IMAGES}.bad" in caplog.text
     assert not list(data_dir.glob(".*.part")), "a temporary file was left behind"
 
 
-def test_when_every_source_fails_the_message_names_them_and_the_folder(copied_tiny, monkeypatch):
+def test_when_every_source_fails_the_message_names_them_and_the_folder(copied_tiny, tmp_path):
     data_dir, checksums = copied_tiny
     (data_dir / TRAIN_IMAGES).write_bytes(b"corrupt")
-
-    def wrong_bytes(names):
-        return {name: b"still corrupt" for name in names}
-
-    monkeypatch.setattr(data, "SOURCES", {"mirror A": wrong_bytes})
+    mirror = source_folder(tmp_path / "mirror", {TRAIN_IMAGES: b"still corrupt"})
     with pytest.raises(MnistlabError) as error:
-        ensure_files(data_dir, checksums)
+        ensure_files(data_dir, MNIST_FILES, checksums, [mirror])
     message = str(error.value)
-    assert "mirror A (checksum mismatch" in message and str(data_dir) in message
+    assert f"{mirror} (checksum mismatch" in message and str(data_dir) in message
     assert "\n" not in message
     assert (data_dir / TRAIN_IMAGES).read_bytes() == b"corrupt", "nothing unverified is written"
+    assert not (data_dir / f"{TRAIN_IMAGES}.bad").exists()
 
 
 def test_an_unwritable_data_dir_is_one_clear_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(MnistlabError, match="set data.data_dir to a writable folder"):
-        ensure_files(blocker / "mnist", MNIST_MD5)
+        ensure_files(blocker / "mnist", MNIST_FILES, MNIST_MD5, MNIST_SOURCES)
 
 
-def make_datamodule(tiny_mnist, **kwargs) -> MNISTDataModule:
+def snapshot(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("case", ["mismatch", "partial", "wrong_names"])
+def test_a_users_files_survive_every_path_unchanged(copied_tiny, case):
+    """A dataset without sources: a file failing its checksum, a missing file, files under other
+    names: one error line each, and the folder is exactly as the user left it."""
+    data_dir, checksums = copied_tiny
+    files = dict(MNIST_FILES)
+    if case == "mismatch":
+        (data_dir / TRAIN_IMAGES).write_bytes((data_dir / TRAIN_IMAGES).read_bytes()[:-1] + b"\x01")
+        expected = f"{data_dir / TRAIN_IMAGES} fails its checksum (data.checksums.train_images)"
+    elif case == "partial":
+        (data_dir / TRAIN_IMAGES).unlink()
+        expected = f"{TRAIN_IMAGES} missing in {data_dir}"
+    else:
+        files["train_images"] = "my-images.idx"
+        expected = "my-images.idx missing in"
+    before = snapshot(data_dir)
+    with pytest.raises(MnistlabError) as error:
+        ensure_files(data_dir, files, checksums, sources=[])
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+    assert snapshot(data_dir) == before
+
+
+def test_files_without_checksums_are_used_as_they_are(copied_tiny):
+    data_dir, _ = copied_tiny
+    (data_dir / TRAIN_IMAGES).write_bytes(idx_bytes(torch.full((1200, 28, 28), 7, dtype=torch.uint8)))
+    before = snapshot(data_dir)
+    dm = IDXDataModule(data_dir=data_dir, train_size=1000, val_size=200)
+    dm.prepare_data()
+    dm.setup()
+    assert snapshot(data_dir) == before and int(dm.train_set.images.float().mean()) == 7
+
+
+def test_a_dataset_of_other_names_gzipped_files_and_classes_trains_as_configured(tmp_path):
+    """A user's own IDX files: any names, gzipped or not, 3 classes, 16x16 images."""
+    import gzip
+
+    g = torch.Generator().manual_seed(0)
+    arrays = {
+        "train_images": torch.randint(0, 255, (300, 16, 16), generator=g, dtype=torch.uint8),
+        "train_labels": torch.randint(0, 3, (300,), generator=g, dtype=torch.uint8),
+        "test_images": torch.randint(0, 255, (50, 16, 16), generator=g, dtype=torch.uint8),
+        "test_labels": torch.randint(0, 3, (50,), generator=g, dtype=torch.uint8),
+    }
+    files = {role: f"{role}.idx.gz" for role in arrays}
+    for role, array in arrays.items():
+        (tmp_path / files[role]).write_bytes(gzip.compress(idx_bytes(array)))
+    dm = IDXDataModule(data_dir=tmp_path, files=files, num_classes=3, train_size=250, val_size=50)
+    dm.prepare_data()
+    dm.setup()
+    assert dm.input_shape == [1, 16, 16] and len(dm.train_set) == 250 and len(dm.test_set) == 50
+    with pytest.raises(
+        MnistlabError, match="labels go up to 2 but data.num_classes=2; set data.num_classes=3"
+    ):
+        bad = IDXDataModule(data_dir=tmp_path, files=files, num_classes=2, train_size=250, val_size=50)
+        bad.setup()
+
+
+def make_datamodule(tiny_mnist, **kwargs) -> IDXDataModule:
     options = dict(
         data_dir=tiny_mnist.data_dir,
         checksums=tiny_mnist.checksums,
@@ -109,7 +168,7 @@ def make_datamodule(tiny_mnist, **kwargs) -> MNISTDataModule:
         val_size=200,
         batch_size=64,
     )
-    dm = MNISTDataModule(**{**options, **kwargs})
+    dm = IDXDataModule(**{**options, **kwargs})
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -132,7 +191,7 @@ def test_split_larger_than_the_training_set_is_refused(tiny_mnist):
 
 def test_unknown_augmentation_lists_the_known_ones(tiny_mnist):
     with pytest.raises(MnistlabError, match="rotate_shift, rotate_zoom, distort, half_distort, none"):
-        MNISTDataModule(augment="sideways")
+        IDXDataModule(augment="sideways")
 
 
 class SeenBatches(L.Callback):
@@ -192,7 +251,7 @@ def test_val_and_test_images_are_never_augmented_and_train_images_are(tiny_mnist
 
 def test_real_mnist_is_fetched_or_reused_with_its_known_counts():
     """The one fast test on the real files: fetched once into data/, then reused."""
-    dm = MNISTDataModule(data_dir=str(ROOT / "data"))
+    dm = IDXDataModule(data_dir=str(ROOT / "data"))
     dm.prepare_data()
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50_000, 10_000, 10_000)
@@ -230,12 +289,12 @@ from mnistlab import data
 
 source, target, checksums = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 
-def slow_copy(names):  # a source slow enough that the two processes overlap
+def slow_copy(source_url, names):  # a source slow enough that the two processes overlap
     time.sleep(1.0)
     return {name: (source / name).read_bytes() for name in names}
 
-data.SOURCES = {"slow copy": slow_copy}
-data.ensure_files(target, checksums)
+data.fetch_from = slow_copy
+data.ensure_files(target, data.MNIST_FILES, checksums, ["slow copy"])
 """
 
 
@@ -251,9 +310,9 @@ def test_two_processes_fetching_into_one_folder_leave_it_whole(tiny_mnist, tmp_p
         subprocess.Popen(args, stderr=subprocess.PIPE),
     )
     assert first.wait(timeout=120) == 0 and second.wait(timeout=120) == 0
-    for name, digest in tiny_mnist.checksums.items():
-        assert data.md5((tmp_path / "mnist" / name).read_bytes()) == digest
-    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(tiny_mnist.checksums)
+    for role, digest in tiny_mnist.checksums.items():
+        assert data.md5((tmp_path / "mnist" / MNIST_FILES[role]).read_bytes()) == digest
+    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(MNIST_FILES.values())
 
 
 def test_each_epoch_is_a_new_permutation_and_ddp_shares_are_disjoint_and_equal():

@@ -71,12 +71,12 @@ def test_train_records_stress_acc_and_eval_stress_true_reproduces_it(
 def test_the_stressed_validation_copy_is_the_validation_split_distorted_with_its_own_seed(tiny_mnist):
     """What a recipe is chosen by: the validation digits and labels, under another seed than the
     stress test set's, so choosing never looks at the set that is reported."""
-    from mnistlab.data import MNISTDataModule
+    from mnistlab.data import IDXDataModule
     from mnistlab.stress import VAL_SEED
 
     options = {"data_dir": str(tiny_mnist.data_dir), "checksums": tiny_mnist.checksums, "train_size": 1000,
-               "val_size": 200}  # fmt: skip
-    plain, stressed = MNISTDataModule(**options), MNISTDataModule(**options, test_set="stress_val")
+               "val_size": 200, "digits": True}  # fmt: skip
+    plain, stressed = IDXDataModule(**options), IDXDataModule(**options, test_set="stress_val")
     plain.setup(), stressed.setup()
     assert torch.equal(stressed.test_set.labels, plain.val_set.labels)
     assert torch.equal(stressed.test_set.images, stress(plain.val_set.images, seed=VAL_SEED))

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT, run_script
 from mnistlab import MnistlabError
 from mnistlab.cli import one_line_errors
-from mnistlab.data import MNISTDataModule
+from mnistlab.data import IDXDataModule
 from mnistlab.evaluate import evaluate
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.module import Classifier, load_classifier
@@ -242,7 +242,7 @@ def test_a_sweep_with_a_failed_job_finishes_the_others_exits_1_and_names_it(tiny
         ("data.batch_size=0", "data.batch_size=0 is not allowed; use an integer >= 1"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0 is not allowed; use an integer >= 1"),
         ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0 trains nothing"),
-        ("data.val_size=20000", "data.train_size + data.val_size = 70000 is more than MNIST's 60000"),
+        ("data.val_size=20000", "data.train_size + data.val_size = 21000 is more than the 1200"),
         (
             "data.augment=sideways",
             "data.augment='sideways' is not allowed; use one of rotate_shift, rotate_zoom",
@@ -266,7 +266,7 @@ def test_bad_values_are_refused_before_any_work(compose_train, tmp_path, overrid
     if override == "trainer.accelerator=gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(MnistlabError) as error:
-        train(compose_train(override, "data.train_size=50000", "debug=limit"), tmp_path)
+        train(compose_train(override, "debug=limit"), tmp_path)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []  # no metrics.json, no checkpoints, no logs
 
@@ -292,7 +292,7 @@ def test_weight_ema_is_what_validation_checkpoints_and_the_test_see(compose_trai
     averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert any(not torch.equal(averaged[k], raw[k]) for k in raw if k.endswith("weight"))
 
-    datamodule = MNISTDataModule(
+    datamodule = IDXDataModule(
         data_dir=tiny_mnist.data_dir, train_size=1000, val_size=200, batch_size=100,
         checksums=tiny_mnist.checksums,
     )  # fmt: skip
@@ -311,8 +311,8 @@ def test_label_smoothing_shapes_the_training_loss_only(compose_train):
         module.log = lambda *a, **k: None
         module.eval()
         losses[smoothing] = (
-            module._step(batch, "train", module.train_acc)[0].item(),
-            module._step(batch, "val", module.val_acc)[0].item(),
+            module.training_step(batch, 0).item(),
+            module._loss(module(batch[0]), batch[1], "val").item(),
         )
     assert losses[0.0][0] != pytest.approx(losses[0.3][0])
     assert losses[0.0][1] == pytest.approx(losses[0.3][1])

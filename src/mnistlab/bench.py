@@ -1,7 +1,7 @@
 """`make bench`: what our training path costs against a bare PyTorch loop, measured in one process.
 
 (a) floor: a plain loop over pre-normalised tensors, no augmentation, no Lightning;
-(b) ours: the Lightning Trainer with MNISTDataModule and the default `rotate_shift` augmentation;
+(b) ours: the Lightning Trainer with IDXDataModule and the default `rotate_shift` augmentation;
 (c) the original project's way: torchvision PIL transforms per image in a DataLoader with workers.
 All three train the same network with Adam on the same number of batches of the same size, on
 the GPU when there is one (timed with torch.cuda.synchronize around each epoch), else the CPU;
@@ -28,7 +28,7 @@ from mnistlab.data import (
     STD,
     TRAIN_IMAGES,
     TRAIN_LABELS,
-    MNISTDataModule,
+    IDXDataModule,
     read_idx,
     standardize,
     to_unit,
@@ -125,7 +125,7 @@ def time_lightning(
     module = Classifier(gap_cnn_config(), OPTIMIZER, None)
     if compile:
         module.net.compile()
-    datamodule = MNISTDataModule(data_dir=data_dir, batch_size=batch_size, augment="rotate_shift")
+    datamodule = IDXDataModule(data_dir=data_dir, batch_size=batch_size, augment="rotate_shift")
     trainer = L.Trainer(
         max_epochs=1 + repeats, limit_train_batches=batches, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time (b) compiled, and in bf16 autocast")
     args = parser.parse_args()
-    MNISTDataModule(data_dir=args.data_dir).prepare_data()
+    IDXDataModule(data_dir=args.data_dir).prepare_data()
     torch.manual_seed(0)
     images, labels = read_idx(f"{args.data_dir}/{TRAIN_IMAGES}"), read_idx(f"{args.data_dir}/{TRAIN_LABELS}")
     n = args.batch_size * args.batches

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from mnistlab import PROJECT_ROOT, MnistlabError
-from mnistlab.runs import RunDir
+from mnistlab.runs import RunDir, StoppedBeforeStart
 
 log = logging.getLogger("mnistlab")
 
@@ -95,6 +95,10 @@ def one_line_errors(task):
         try:
             try:
                 return task(cfg)
+            except StoppedBeforeStart as e:  # stops a sweep too: the signal was meant for all of it
+                remove_if_rejected()
+                print(f"error: {e.message}", file=sys.stderr)
+                raise
             except MissingMandatoryValue as e:
                 raise MnistlabError(
                     f"{e.full_key} is required: add {e.full_key}=VALUE to the command"

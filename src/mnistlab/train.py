@@ -29,7 +29,15 @@ from mnistlab.cli import lightning_trainer_defaults
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.models import count_params
 from mnistlab.module import Classifier
-from mnistlab.runs import RunDir, RunRecord, flat_hparams, machine, resume_checkpoint, source_commit
+from mnistlab.runs import (
+    RunDir,
+    RunRecord,
+    StoppedBeforeStart,
+    flat_hparams,
+    machine,
+    resume_checkpoint,
+    source_commit,
+)
 from mnistlab.summary import format_table
 
 log = logging.getLogger(__name__)
@@ -62,14 +70,33 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = (), **overrides
 
 
 def stress_test(trainer: L.Trainer, model: L.LightningModule, data_cfg: DictConfig, ckpt_path=None) -> dict:
-    """`stress/acc` and `stress/loss`: the model tested on the stress test set; with a
-    validation split, also `stress_val/acc` on its stressed copy, the figure to choose by."""
+    """`stress/*`: the model tested on the stress test set; with a validation split, also
+    `stress_val/*` on its stressed copy, the figure to choose by. Logged under those names, never
+    as `test/*`. MNIST digits only: other data gets no stress figures."""
+    if not data_cfg.get("digits"):
+        log.info("stress sets: distorted MNIST digits, not made for this dataset (data.digits=false)")
+        return {}
     results = {}
     for name in ("stress", "stress_val") if data_cfg.val_size else ("stress",):
         datamodule = instantiate(data_cfg, test_set=name)
-        (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-        results |= {f"{name}/acc": metrics["test/acc"], f"{name}/loss": metrics["test/loss"]}
+        model.test_prefix = name
+        try:
+            (metrics,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        finally:
+            model.test_prefix = "test"
+        results |= metrics
     return results
+
+
+def data_facts(datamodule) -> dict:
+    """What a network trained on `datamodule` takes and gives, saved in its checkpoints."""
+    return {
+        "num_classes": datamodule.num_classes,
+        "input_shape": datamodule.input_shape,
+        "mean": datamodule.mean,
+        "std": datamodule.std,
+        "digits": datamodule.digits,
+    }
 
 
 def compile_network(net: torch.nn.Module, device: torch.device) -> None:
@@ -98,22 +125,23 @@ def chosen_config(cfg: DictConfig) -> str:
 
 
 @contextmanager
-def sigterm_raises(trainer: L.Trainer):
+def sigterm_raises():
     """SIGTERM raises `SIGTERMException` wherever it lands (fetching data, setting up, testing),
-    so the run records `interrupted` and temporary files are removed on the way out. Inside the
-    fit loop Lightning's own handler runs first and stops at the next batch; this one then
-    leaves it to Lightning."""
+    so a run ends with its state recorded and temporary files (a download) removed on the way out.
+    Inside the fit loop Lightning's own handler runs first and stops at the next batch; this one
+    then leaves it to Lightning. Yields the function that tells it the Trainer."""
+    trainers: list[L.Trainer] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield trainers.append
         return
 
     def handler(signum, frame):
-        if not trainer.received_sigterm:
+        if not (trainers and trainers[-1].received_sigterm):
             raise SIGTERMException
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield trainers.append
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -123,36 +151,42 @@ def train(cfg: DictConfig, run_dir: RunDir | str | Path, callbacks: list[L.Callb
     validation set), and write `metrics.json` in `run_dir`. Returns the metrics.
 
     The directory is locked for this process first (a second one is refused at once), and
-    nothing in it changes until every check has passed."""
+    nothing in it changes until every check has passed: a run refused or stopped before then
+    leaves the directory as it was."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     owner = rank_zero_only.rank == 0  # DDP: the other ranks work in rank 0's directory
-    if owner:
-        run_dir.lock()
-    try:
-        return _train(cfg, run_dir, callbacks)
-    finally:
+    with sigterm_raises() as watch:
         if owner:
-            run_dir.unlock()
+            run_dir.lock()
+        try:
+            return _train(cfg, run_dir, callbacks, watch)
+        finally:
+            if owner:
+                run_dir.unlock()
 
 
-def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback]) -> dict:
-    seed = check_seed(cfg.seed)
-    L.seed_everything(seed, workers=True, verbose=False)  # the printed config shows it
-    datamodule = instantiate(cfg.data, shuffle_seed=seed)  # the run's seed orders its batches
-    model = Classifier(cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing)
-    epochs, batches = cfg.trainer.max_epochs, cfg.trainer.get("limit_train_batches")
-    if not as_integer(epochs) >= 1:
-        raise MnistlabError(f"trainer.max_epochs={epochs!r} is not allowed; use an integer >= 1")
-    if batches is not None and batches == 0:
-        raise MnistlabError("trainer.limit_train_batches=0 trains nothing; use a value above 0")
-    resume_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir, model.hparams, epochs)
-    trainer = build_trainer(cfg, callbacks)
+def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback], watch) -> dict:
+    try:
+        seed = check_seed(cfg.seed)
+        L.seed_everything(seed, workers=True, verbose=False)  # the printed config shows it
+        datamodule = instantiate(cfg.data, shuffle_seed=seed)  # the run's seed orders its batches
+        datamodule.prepare_data()  # the files are read here to learn the images' shape
+        model = Classifier(
+            cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing,
+            metrics=cfg.get("metrics"), data=data_facts(datamodule),
+        )  # fmt: skip
+        epochs, batches = cfg.trainer.max_epochs, cfg.trainer.get("limit_train_batches")
+        if not as_integer(epochs) >= 1:
+            raise MnistlabError(f"trainer.max_epochs={epochs!r} is not allowed; use an integer >= 1")
+        if batches is not None and batches == 0:
+            raise MnistlabError("trainer.limit_train_batches=0 trains nothing; use a value above 0")
+        resume_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir, model.hparams, epochs)
+        trainer = build_trainer(cfg, callbacks)
+    except (KeyboardInterrupt, SIGTERMException) as e:  # a fetch or a check stopped: nothing recorded
+        how = "SIGTERM" if isinstance(e, SIGTERMException) else "Ctrl-C"
+        raise StoppedBeforeStart(how) from None
+    watch(trainer)
     run_dir.adopt_config()  # accepted: from here on the run directory is this run's
-    log.info("run directory: %s\n%s", run_dir.path, chosen_config(cfg))
-    log.info("model:\n%s", format_table(model.net))
-    if cfg.compile:
-        compile_network(model.net, trainer.strategy.root_device)
-
     record = RunRecord(
         run_dir,
         seed=seed,
@@ -162,14 +196,17 @@ def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback]) -> dic
     )
     trainer.callbacks.append(record)
     try:
-        with sigterm_raises(trainer):
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path)
-            val_best = trainer.callback_metrics.get("val/acc_best")
-            monitored_first = sorted(trainer.checkpoint_callbacks, key=lambda c: c.monitor is None)
-            best = next((Path(c.best_model_path) for c in monitored_first if c.best_model_path), None)
-            best = run_dir.checkpoints / best.name if best else None  # a moved run's files moved too
-            (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
-            test |= stress_test(trainer, model, cfg.data, ckpt_path=best)
+        log.info("run directory: %s\n%s", run_dir.path, chosen_config(cfg))
+        log.info("model:\n%s", format_table(model.net, model.hparams.data["input_shape"]))
+        if cfg.compile:
+            compile_network(model.net, trainer.strategy.root_device)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path)
+        val_best = trainer.callback_metrics.get("val/acc_best")
+        monitored_first = sorted(trainer.checkpoint_callbacks, key=lambda c: c.monitor is None)
+        best = next((Path(c.best_model_path) for c in monitored_first if c.best_model_path), None)
+        best = run_dir.checkpoints / best.name if best else None  # a moved run's files moved too
+        (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        test |= stress_test(trainer, model, cfg.data, ckpt_path=best)
     except MnistlabError as e:
         record.end("failed", error=str(e))
         raise
@@ -187,18 +224,23 @@ def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback]) -> dic
         **{"val/acc_best": None if val_best is None else float(val_best)},
         checkpoint=str(best.relative_to(run_dir.path)) if best else None,
     )
-    for logger in trainer.loggers:  # the HParams tab: this run's settings beside its results
-        if isinstance(logger, TensorBoardLogger):
-            metrics = record.metrics
+    # Every tracker gets this run's settings; its final figures (test/*, stress/*, val/acc_best)
+    # reached each one as they were logged.
+    metrics = record.metrics
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):  # the HParams tab pairs settings with these names
             final = {"hp/test_acc": metrics["test/acc"], "hp/val_acc_best": metrics["val/acc_best"] or 0.0}
             logger.log_hyperparams(flat_hparams(cfg), final)
-            # written after the Trainer closed its loggers: flush and close again, or the next
-            # job of a sweep (same process) or the process's exit can beat the writer thread
-            logger.finalize("success")
+        else:
+            logger.log_hyperparams(flat_hparams(cfg))
+        # written after the Trainer closed its loggers: flush and close again, or the next
+        # job of a sweep (same process) or the process's exit can beat the writer thread
+        logger.finalize("success")
     if trainer.is_global_zero:
         log.info(
-            "test/acc %.4f  test/loss %.4f  stress/acc %.4f%s  (%s)",
-            test["test/acc"], test["test/loss"], test["stress/acc"],
+            "test/acc %.4f  test/loss %.4f%s%s  (%s)",
+            test["test/acc"], test["test/loss"],
+            f"  stress/acc {test['stress/acc']:.4f}" if "stress/acc" in test else "",
             f"  stress_val/acc {test['stress_val/acc']:.4f}" if "stress_val/acc" in test else "", best,
         )  # fmt: skip
     return record.metrics
