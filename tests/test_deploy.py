@@ -58,6 +58,18 @@ def test_export_writes_onnx_next_to_the_checkpoint_matching_pytorch_for_any_batc
         np.testing.assert_allclose(onnx_logits(out, images), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("script", ["eval.py", "predict.py", "export.py"])
+def test_a_truncated_checkpoint_is_one_line_for_eval_predict_and_export(tiny_checkpoint, tmp_path, script):
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(tiny_checkpoint.read_bytes()[: tiny_checkpoint.stat().st_size // 2])  # a copy cut off
+    image = [f"image={ROOT / 'docs' / 'demo' / 'mnist-test-0000-7.png'}"] if script == "predict.py" else []
+    result = run_script(script, f"ckpt_path={cut}", *image)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {cut} is not a mnistlab checkpoint")
+    assert not (tmp_path / "cut.onnx").exists()
+
+
 def test_export_refuses_to_write_a_file_that_disagrees(tiny_checkpoint, tmp_path):
     net = load_classifier(tiny_checkpoint).net
     with pytest.raises(MnistlabError, match="differ from PyTorch"):

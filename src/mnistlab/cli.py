@@ -135,6 +135,29 @@ class FailedJobRecords(Callback):
                 FAILED_JOBS[record.parent.name] = f"({how}): {run.get('error')}"
 
 
+class WritableRunDirectory(Callback):
+    """Before Hydra makes the run (or sweep) directory: one that cannot be made (MNISTLAB_ROOT or
+    paths.logs on a read-only disk) is a one-line error, not Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(path: str) -> None:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(
+                f"error: cannot make the run directory {path} ({e.strerror}); set MNISTLAB_ROOT or "
+                "paths.logs to a writable folder",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+
 def remove_if_rejected() -> None:
     """A run refused before it started leaves nothing behind: the config Hydra staged for it is
     removed, and so is a directory Hydra made for it alone (holding only that and the log),

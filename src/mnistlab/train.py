@@ -7,6 +7,7 @@ costs a second, not an epoch.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
+from hydra.utils import get_object
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -107,6 +109,22 @@ def compile_network(net: torch.nn.Module, device: torch.device) -> None:
     net.compile()
 
 
+def check_arguments(config: DictConfig, group: str, ignore: tuple[str, ...] = ()) -> None:
+    """Every key of an optimizer or scheduler config is an argument of its class: a misspelt one
+    (`+optimizer.lrr=0.1`) is refused now, not as a TypeError once training starts."""
+    target = get_object(config._target_)
+    parameters = inspect.signature(target).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    for key in config:
+        if not str(key).startswith("_") and key not in ignore and key not in parameters:
+            known = ", ".join(name for name in parameters if name not in ("self", "params", "optimizer"))
+            raise MnistlabError(
+                f"{group}.{key} is not an argument of {config._target_} (it takes {known}); "
+                "remove it or correct its name"
+            )
+
+
 def check_seed(seed) -> int:
     if not 0 <= as_integer(seed) < 2**32:
         raise MnistlabError(f"seed={seed!r} is not allowed; use an integer in [0, 4294967295]")
@@ -180,6 +198,9 @@ def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback], watch)
             raise MnistlabError(f"trainer.max_epochs={epochs!r} is not allowed; use an integer >= 1")
         if batches is not None and batches == 0:
             raise MnistlabError("trainer.limit_train_batches=0 trains nothing; use a value above 0")
+        check_arguments(cfg.optimizer, "optimizer")
+        if cfg.scheduler:
+            check_arguments(cfg.scheduler, "scheduler", ignore=("interval",))
         resume_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir, model.hparams, epochs)
         trainer = build_trainer(cfg, callbacks)
     except (KeyboardInterrupt, SIGTERMException) as e:  # a fetch or a check stopped: nothing recorded
