@@ -10,7 +10,7 @@ LOGS   ?= logs
 comma  := ,
 space  := $(subst ,, )
 
-.PHONY: install lock train sweep report release speedrun bench bench-demo demo test test-browser test-slurm test-all lint tensorboard clean
+.PHONY: install lock train sweep report release speedrun bench bench-demo demo test test-browser test-slurm test-postgres test-all lint tensorboard clean
 
 ## The locked versions (hash-checked), then this project on top of them without its dependencies.
 $(STAMP): requirements.lock pyproject.toml
@@ -65,7 +65,7 @@ bench-demo: install
 
 ## The fast test suite (offline apart from one MNIST fetch into data/ on first use).
 test: install
-	$(PY) -m pytest -m "not slow and not browser and not slurm" -q
+	$(PY) -m pytest -m "not slow and not browser and not slurm and not postgres" -q
 
 ## The demo page driven in a real headless Chromium (Debian's package, installed when missing).
 test-browser: install
@@ -79,10 +79,17 @@ test-slurm: install
 	SLURM_CONF=$${SLURM_LOCAL_DIR:-/tmp/mnistlab-slurm}/slurm.conf $(PY) -m pytest -m slurm -q; \
 		status=$$?; scripts/slurm-local.sh down; exit $$status
 
+## An Optuna study shared through a real PostgreSQL (scripts/postgres-local.sh: Debian's package,
+## installed when missing, a throwaway server on 127.0.0.1, stopped again after the tests).
+test-postgres: install
+	$(PY) -c "import psycopg" 2>/dev/null || $(PIP) install --quiet "psycopg[binary]"  # SQLAlchemy's PostgreSQL driver
+	MNISTLAB_POSTGRES_URL=$$(scripts/postgres-local.sh up) $(PY) -m pytest -m postgres -q; \
+		status=$$?; scripts/postgres-local.sh down; exit $$status
+
 ## Everything: slow tests, the browser test and the SLURM tests included.
 test-all: install
-	$(PY) -m pytest -q -m "not browser and not slurm"
-	$(MAKE) test-browser test-slurm
+	$(PY) -m pytest -q -m "not browser and not slurm and not postgres"
+	$(MAKE) test-browser test-slurm test-postgres
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

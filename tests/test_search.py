@@ -211,3 +211,37 @@ def test_a_storage_in_a_read_only_folder_is_one_clear_error(compose_train, tmp_p
             search(compose_train("hparams_search=dropout_lr", f"storage={storage}", config_name="search"))
         assert str(error.value).startswith(f"storage={storage} cannot be opened")
         assert "pass a writable storage=" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.postgres
+def test_two_workers_and_a_killed_one_on_postgresql_end_with_exactly_n_trials(tiny_mnist, tmp_path):
+    """Many machines share a study through a database (`make test-postgres` starts a local
+    PostgreSQL with scripts/postgres-local.sh): a worker killed mid-trial, then two more; the
+    dead worker's trial is failed and rerun, and the study ends with exactly 4 finished trials."""
+    url = os.environ.get("MNISTLAB_POSTGRES_URL", "postgresql://postgres@127.0.0.1:55432/mnistlab")
+    name = f"pg_{os.getpid()}_{time.time_ns()}"
+    study_name = f"hparams_search.study_name={name}"
+    beat = ["heartbeat_interval=1", "grace_period=5"]
+
+    def worker(label: str) -> subprocess.Popen:
+        command = [*search_command(tiny_mnist, tmp_path / label, url, 4), study_name, *beat]
+        return subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    killed = worker("killed")
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "killed").glob("trial_*/metrics.json")):
+        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[0][-3000:]
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    workers = [worker("a"), worker("b")]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    study = optuna.load_study(study_name=name, storage=url)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4 and not [t for t in study.trials if t.state == TrialState.RUNNING]
+    lost = [t for t in study.trials if t.state == TrialState.FAIL and not t.user_attrs.get("not_run")]
+    assert len(lost) == 1 and lost[0].user_attrs["worker"]["pid"] == killed.pid
+    assert any(t.system_attrs.get("failed_trial") == lost[0].number for t in finished)  # its rerun

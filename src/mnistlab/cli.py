@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import os
 import shutil
@@ -128,10 +127,14 @@ class FailedJobRecords(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         for record in sorted(Path(config.hydra.sweep.dir).glob("*/metrics.json")):
-            run = json.loads(record.read_text())
+            run_dir = RunDir(record.parent)
+            try:
+                run = run_dir.read_metrics()
+            except MnistlabError as e:
+                FAILED_JOBS.setdefault(record.parent.name, f"(unreadable record): {e}")
+                continue
             if run.get("status") == "failed" and record.parent.name not in FAILED_JOBS:
-                overrides = record.parent / ".hydra" / "overrides.yaml"
-                how = ",".join(OmegaConf.load(overrides)) if overrides.is_file() else "no overrides"
+                how = ",".join(run_dir.read_overrides()) or "no overrides"
                 FAILED_JOBS[record.parent.name] = f"({how}): {run.get('error')}"
 
 

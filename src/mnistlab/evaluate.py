@@ -9,8 +9,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mnistlab import instantiate
-from mnistlab.files import write_json
 from mnistlab.module import load_classifier
+from mnistlab.runs import RunDir
 from mnistlab.train import build_trainer, stress_test
 
 
@@ -21,11 +21,11 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.stress:
         metrics |= stress_test(trainer, model, cfg.data)
         checkpoint = Path(cfg.ckpt_path).resolve()
-        record = checkpoint.parents[1] / "metrics.json"
-        run = json.loads(record.read_text()) if record.is_file() else {}
-        if run.get("checkpoint") and record.parent / run["checkpoint"] == checkpoint:
+        run_dir = RunDir(checkpoint.parents[1])  # <run>/checkpoints/<file>
+        run = run_dir.read_metrics()
+        if run.get("checkpoint") and run_dir.path / run["checkpoint"] == checkpoint:
             # the checkpoint its run was tested on: the run's record gains the stress figures
             stressed = {k: v for k, v in metrics.items() if k.startswith(("stress/", "stress_val/"))}
-            write_json(record, run | stressed)
+            run_dir.write_metrics(run | stressed)
     print(json.dumps({"ckpt_path": str(cfg.ckpt_path), **metrics}))
     return metrics

@@ -192,6 +192,9 @@ def open_storage(cfg: DictConfig):
         "grace_period": int(cfg.grace_period),
         "heartbeat_stale_trial_callback": RETRY,
     }
+    warnings.filterwarnings(
+        "ignore", "Argument ``(heartbeat_interval|grace_period|heartbeat_stale_trial_callback)``"
+    )
     if url.startswith("sqlite"):  # workers sharing the file wait for its lock
         # Two workers started at once on a new file can both try to write its tables; the one
         # that loses finds the file made, so it opens it again.
