@@ -1,80 +1,97 @@
 # `make train` and `make test` set themselves up: a .venv holding exactly requirements.lock.
 # Every target runs from any folder (make -C <checkout> train): paths are rooted at the project.
+# `make help` lists the targets: a `##` comment on a target's line is its entry.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
-PIP    := $(PY) -m pip --disable-pip-version-check
 ARGS   ?=
 LOGS   ?= logs
 comma  := ,
 space  := $(subst ,, )
 
-.PHONY: install lock train sweep report release speedrun bench bench-demo demo test test-browser test-slurm test-postgres test-all lint tensorboard clean
+.DEFAULT_GOAL := install
+.PHONY: help install lock train sweep report release speedrun bench bench-demo demo test test-integration \
+	test-browser test-slurm test-postgres test-all lint tensorboard mlflow clean
 
-## The locked versions (hash-checked), then this project on top of them without its dependencies.
-$(STAMP): requirements.lock pyproject.toml
+help: ## This list.
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+# uv reads no pip configuration: where pip is pointed at local mirrors (pip.conf's extra-index-url
+# and find-links), uv is handed them too and takes from PyPI only what they lack. Whatever the
+# source, a file is installed only if its hash is the lock's.
+PIP_MIRRORS = $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)
+PIP_WHEELS  = $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+UV_SOURCES  = $(if $(PIP_MIRRORS)$(PIP_WHEELS),--index-strategy unsafe-first-match) \
+	$(foreach url,$(PIP_MIRRORS),--extra-index-url $(url)) $(foreach dir,$(PIP_WHEELS),--find-links $(dir))
+UV_LOCKED   = $(shell sed -n 's/^uv==\([^ ;]*\).*/\1/p' requirements.lock)
+
+# uv, the version the lock holds, from PyPI (or the mirrors) into .venv.
+$(UV):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --require-hashes -r requirements.lock
-	$(PIP) install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_LOCKED)
+
+# The lock, hash-checked, for this platform (it is universal: CUDA packages install on Linux
+# only), then this project on top of it without its dependencies.
+$(STAMP): requirements.lock pyproject.toml | $(UV)
+	$(UV) pip sync --quiet --python $(PY) --require-hashes $(UV_SOURCES) requirements.lock
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) ## .venv holding exactly the locked versions (uv: under a minute with a warm cache).
 
-## Refresh requirements.lock from pyproject.toml (and constraints.txt), then install it.
-lock:
-	test -x $(VENV)/bin/uv || { test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PIP) install --quiet uv; }
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+# Universal: one file for Linux, macOS and Windows, markers on what only some need (CUDA).
+lock: | $(UV) ## Refresh requirements.lock from pyproject.toml (and constraints.txt), then install it.
+	$(UV) pip compile pyproject.toml --universal --all-extras --group dev --python-version 3.11 \
 		--constraints constraints.txt --generate-hashes --no-emit-package mnistlab --quiet -o requirements.lock
 	$(MAKE) install
 
-## Train gap_cnn with the best recipe (the default), then test its best checkpoint.
-## Overrides go in ARGS: make train ARGS="trainer.max_epochs=3 seed=2"
-train: install
+# Overrides go in ARGS: make train ARGS="trainer.max_epochs=3 seed=2"
+train: install ## Train gap_cnn with the released recipe (experiment=robust), then test its best checkpoint.
 	$(PY) train.py $(ARGS)
 
-## A grid of dropout x LR, 6 full runs (about 30 min on 2 CPU cores; shorten with ARGS).
-sweep: install
+# About 30 min on 2 CPU cores; shorten with ARGS="trainer.max_epochs=2".
+sweep: install ## A grid of dropout x LR: 6 full runs of the default recipe.
 	$(PY) train.py -m model.dropout=0.05,0.1,0.15 optimizer.lr=0.01,0.025 $(ARGS)
 
-## logs/report.md and logs/report.png from every run under $(LOGS) (logs/debug/ left out).
-report: install
-	$(PY) -m mnistlab.report $(LOGS)
+report: install ## logs/report.{md,png} from every run under logs/ (or LOGS=DIR), logs/debug/ left out.
+	$(PY) -m mnistlab.report logs=$(LOGS)
 
-## weights/<model>.{pt,onnx,json} from the median-validation seed of a complete seed sweep:
-## make release RUNS=logs/multiruns/<date>_<time>_<pid>  (several folders: RUNS="a b", a sweep run in parts;
-## ARGS="partial=true" for an incomplete sweep, ARGS="overwrite=true" to replace better weights)
-release: install
+# make release RUNS=logs/multiruns/<date>_<time>_<pid>  (several folders: RUNS="a b", a sweep run in parts;
+# ARGS="partial=true" for an incomplete sweep, ARGS="overwrite=true" to replace better weights)
+release: install ## weights/<model>.{pt,onnx,json} from the median-validation seed of a complete seed sweep in RUNS.
 	$(PY) -m mnistlab.release "runs=[$(subst $(space),$(comma),$(strip $(RUNS)))]" $(ARGS)
 
-## The GPU speedrun over seeds 1-3 (seed 0 first warms the compile caches); needs a GPU.
-speedrun: install
+# Seed 0 first warms the compile caches.
+speedrun: install ## The GPU speedrun over seeds 1-3; needs a GPU.
 	$(PY) train.py -m experiment=speedrun seed=0,1,2,3 $(ARGS)
 
-## Per-epoch cost of our training path against a bare PyTorch loop (a few minutes; ARGS="--compile").
-bench: install
+# A few minutes; ARGS="compile=true" adds torch.compile.
+bench: install ## Per-epoch cost of our training path against a bare PyTorch loop.
 	$(PY) -m mnistlab.bench $(ARGS)
 
-## The page to draw a digit on, with the released weights: http://127.0.0.1:7860 (ARGS="port=8080").
-demo: install
+# ARGS="port=8080" for another port.
+demo: install ## The page to draw a digit on, with the released weights: http://127.0.0.1:7860
 	$(PY) demo.py $(ARGS)
 
-## Latency of the demo page over HTTP: median of 20 calls from another process (about a minute).
-bench-demo: install
+bench-demo: install ## Latency of the demo page over HTTP: median of 20 calls from another process (~1 min).
 	$(PY) -m mnistlab.demo_bench $(ARGS)
 
-## The fast test suite (offline apart from one MNIST fetch into data/ on first use).
-test: install
-	$(PY) -m pytest -m "not slow and not browser and not slurm and not postgres" -q
+# Offline apart from one MNIST fetch into data/ on first use.
+test: install ## The fast test suite: everything that runs inside the pytest process.
+	$(PY) -m pytest -m "not slow and not browser and not slurm and not integration and not postgres" -q
 
-## The demo page driven in a real headless Chromium (Debian's package, installed when missing).
-test-browser: install
+test-integration: install ## Tests whose point is a separate process: scripts, sweeps, servers, workers, fetches.
+	$(PY) -m pytest -m "integration and not slow and not browser and not slurm" -q
+
+# Debian's chromium package, installed when missing (Playwright's own download needs the network).
+test-browser: install ## The demo page driven in a real headless Chromium.
 	command -v chromium >/dev/null || scripts/install-chromium.sh
 	$(PY) -m pytest -m browser -q
 
-## Sweeps and a shared Optuna study on a real one-node SLURM cluster (scripts/slurm-local.sh:
-## installed from Debian when missing, started, and stopped again after the tests).
-test-slurm: install
+# scripts/slurm-local.sh installs SLURM from Debian when missing, starts it, and stops it after the tests.
+test-slurm: install ## Sweeps and a shared Optuna study on a real one-node SLURM cluster.
 	scripts/slurm-local.sh up
 	SLURM_CONF=$${SLURM_LOCAL_DIR:-/tmp/mnistlab-slurm}/slurm.conf $(PY) -m pytest -m slurm -q; \
 		status=$$?; scripts/slurm-local.sh down; exit $$status
@@ -86,19 +103,19 @@ test-postgres: install
 	MNISTLAB_POSTGRES_URL=$$(scripts/postgres-local.sh up) $(PY) -m pytest -m postgres -q; \
 		status=$$?; scripts/postgres-local.sh down; exit $$status
 
-## Everything: slow tests, the browser test and the SLURM tests included.
-test-all: install
+test-all: install ## Every test: the slow ones, the integration tier, the browser and SLURM tests.
 	$(PY) -m pytest -q -m "not browser and not slurm and not postgres"
 	$(MAKE) test-browser test-slurm test-postgres
 
-lint: install
+lint: install ## ruff check and ruff format --check over the whole tree.
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-tensorboard: install
-	@echo "TensorBoard for logs/ at http://127.0.0.1:6006"
+tensorboard: install ## TensorBoard over logs/ at http://127.0.0.1:6006
 	$(VENV)/bin/tensorboard --logdir logs --host 127.0.0.1 --port 6006
 
-## Remove the environment and caches; data/, logs/ and weights/ are kept.
-clean:
+mlflow: install ## The MLflow UI over the runs of logger=mlflow (logs/mlflow.db) at http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/logs/mlflow.db --host 127.0.0.1 --port 5000
+
+clean: ## Remove the environment and caches; data/, logs/ and weights/ are kept.
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

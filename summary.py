@@ -9,7 +9,7 @@ from mnistlab.summary import print_summary
 @hydra.main(version_base="1.3", config_path="conf", config_name="summary")
 @one_line_errors
 def main(cfg):
-    print_summary(cfg.model)
+    print_summary(cfg.model, cfg.data)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from mnistlab.cli import register
-from mnistlab.data import MNIST_FILES, md5
+from mnistlab.data import MNIST_FILES, TEST_IMAGES, TEST_LABELS, md5
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -118,10 +118,22 @@ def compose_train(tiny_mnist, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def finished_run(tiny_mnist, tmp_path_factory):
-    """`train.py` run as a user runs it (a subprocess), on the tiny data, with `debug=limit`:
-    read by the tests of run outputs, the console, eval, export and predict."""
+def finished_run(tiny_mnist, tmp_path_factory) -> Path:
+    """The run directory of a `debug=limit` training on the tiny data, trained in this process
+    once: read by the tests of run outputs, eval, export, predict and the stress figures."""
+    from mnistlab.train import train
+
     run_dir = tmp_path_factory.mktemp("run")
+    train(compose_tiny(tiny_mnist, run_dir, "debug=limit"))
+    GlobalHydra.instance().clear()
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def script_run(tiny_mnist, tmp_path_factory):
+    """`train.py` run as a user runs it (a subprocess) on the tiny data with `debug=limit`:
+    its run directory and its finished process, for the tests of what the script adds."""
+    run_dir = tmp_path_factory.mktemp("script_run")
     result = run_script(
         "train.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", "debug=limit",
         f"hydra.run.dir={run_dir}",
@@ -130,13 +142,16 @@ def finished_run(tiny_mnist, tmp_path_factory):
     return run_dir, result
 
 
+FIRST40 = ROOT / "tests" / "first40"  # the first 40 images and labels of the official test set
+
+
 @pytest.fixture(scope="session")
 def real_test_digits():
-    """The first 40 official test images and labels (fetched into data/ once, as `make train` does)."""
-    from mnistlab.data import MNIST_MD5, MNIST_SOURCES, TEST_IMAGES, TEST_LABELS, ensure_files, read_idx
+    """The first 40 official test images and labels, as committed in tests/first40 (the
+    integration tier checks them against the real files)."""
+    from mnistlab.data import read_idx
 
-    ensure_files(ROOT / "data", MNIST_FILES, MNIST_MD5, MNIST_SOURCES)
-    return read_idx(ROOT / "data" / TEST_IMAGES)[:40], read_idx(ROOT / "data" / TEST_LABELS)[:40]
+    return read_idx(FIRST40 / TEST_IMAGES), read_idx(FIRST40 / TEST_LABELS)
 
 
 # What makes two processes of 50 take exactly the steps of one process of 100: no BatchNorm

@@ -57,7 +57,7 @@ def test_rotation_angles_stay_within_bounds_and_reach_them():
 def test_rotate_zoom_enlarges_about_one_image_in_ten():
     blob = torch.zeros(2000, 1, 28, 28)
     blob[:, :, 10:18, 10:18] = 1.0
-    out = random_affine(blob, degrees=0, translate=0.0, zoom_prob=0.1, zoom=22 / 28, generator=gen())
+    out = random_affine(blob, degrees=0, translate=0.0, zoom_prob=0.1, zoom=28 / 22, generator=gen())
     grown = out.sum((1, 2, 3)) > blob[0].sum() * 1.3  # area grows by (28/22)^2 = 1.62
     assert 0.07 < grown.float().mean() < 0.13
 

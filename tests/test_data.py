@@ -249,8 +249,9 @@ def test_val_and_test_images_are_never_augmented_and_train_images_are(tiny_mnist
     assert not any((stored == image).all(dim=(1, 2, 3)).any() for image in train_images)
 
 
-def test_real_mnist_is_fetched_or_reused_with_its_known_counts():
-    """The one fast test on the real files: fetched once into data/, then reused."""
+@pytest.mark.integration
+def test_real_mnist_is_fetched_or_reused_with_its_known_counts(real_test_digits):
+    """The real files: fetched once into data/, then reused; tests/first40 is their first 40."""
     dm = IDXDataModule(data_dir=str(ROOT / "data"))
     dm.prepare_data()
     dm.setup("fit")
@@ -268,6 +269,8 @@ def test_real_mnist_is_fetched_or_reused_with_its_known_counts():
         5851,
         5949,
     ]
+    assert torch.equal(dm.test_set.images[:40], real_test_digits[0])
+    assert torch.equal(dm.test_set.labels[:40], real_test_digits[1])
     assert torch.bincount(dm.test_set.labels).tolist() == [
         980,
         1135,
@@ -298,6 +301,7 @@ data.ensure_files(target, data.MNIST_FILES, checksums, ["slow copy"])
 """
 
 
+@pytest.mark.integration
 def test_two_processes_fetching_into_one_folder_leave_it_whole(tiny_mnist, tmp_path):
     import json
     import subprocess

@@ -7,17 +7,19 @@ import re
 import shutil
 
 import pytest
+from photos import THREE
 from PIL import Image
 
 from conftest import ROOT
-from mnistlab.demo import BLANK
-from mnistlab.demo_bench import THREE, demo_server
+from mnistlab.demo import BLANK, running
+
+pytestmark = pytest.mark.integration  # a demo.py server in a subprocess
 
 
 @pytest.fixture(scope="module")
 def demo_url():
     """`python demo.py port=N` serving the released gap_cnn; stopped after the module's tests."""
-    with demo_server() as url:
+    with running() as url:
         yield url
 
 

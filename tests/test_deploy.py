@@ -20,7 +20,17 @@ from PIL import Image
 from conftest import ROOT, compose_tiny, run_script
 from mnistlab import MnistlabError, instantiate
 from mnistlab.cli import one_line_errors
-from mnistlab.data import TEST_IMAGES, TEST_LABELS, read_idx, standardize, to_unit
+from mnistlab.data import (
+    MNIST_FILES,
+    MNIST_MD5,
+    MNIST_SOURCES,
+    TEST_IMAGES,
+    TEST_LABELS,
+    ensure_files,
+    read_idx,
+    standardize,
+    to_unit,
+)
 from mnistlab.export import export, export_onnx, onnx_logits, output_path
 from mnistlab.module import load_classifier
 from mnistlab.predict import load_network, predict
@@ -35,7 +45,7 @@ GAP_CNN = OmegaConf.load(ROOT / "conf" / "model" / "gap_cnn.yaml")
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(finished_run):
-    return finished_run[0] / "checkpoints" / "last.ckpt"
+    return finished_run / "checkpoints" / "last.ckpt"
 
 
 def test_export_writes_onnx_next_to_the_checkpoint_matching_pytorch_for_any_batch(
@@ -58,6 +68,7 @@ def test_export_writes_onnx_next_to_the_checkpoint_matching_pytorch_for_any_batc
         np.testing.assert_allclose(onnx_logits(out, images), expected, atol=1e-4)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("script", ["eval.py", "predict.py", "export.py"])
 def test_a_truncated_checkpoint_is_one_line_for_eval_predict_and_export(tiny_checkpoint, tmp_path, script):
     cut = tmp_path / "cut.ckpt"
@@ -93,6 +104,7 @@ def test_export_refuses_outputs_it_must_not_write_before_any_work(tiny_checkpoin
     assert (tmp_path / "taken.onnx").read_bytes() == b"someone's file"
 
 
+@pytest.mark.integration
 def test_predict_reads_a_real_digit_with_the_released_weights_from_any_folder(real_test_digits, tmp_path):
     image = tmp_path / "digit.png"
     Image.fromarray(real_test_digits[0][0].numpy()).save(image)  # the first test digit, a 7
@@ -270,6 +282,7 @@ def test_a_debug_sweep_is_never_released_not_even_partial(tmp_path):
             seeds_of_one_recipe([tmp_path / "sweep"], partial=partial)
 
 
+@pytest.mark.integration
 def test_release_refuses_runs_of_more_than_one_recipe_from_the_command_line(tmp_path):
     for job, dropout in enumerate([0.1, 0.2]):  # two finished runs' records, differing in dropout
         record_run(tmp_path / "sweep" / str(job), seed=1, dropout=dropout)
@@ -296,6 +309,7 @@ def test_weights_worse_than_the_released_ones_replace_them_only_with_overwrite(t
     released_set_is_one_unit(weights)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
 def test_a_release_killed_between_its_files_leaves_the_previous_set_whole(tiny_sweep, tmp_path, signal_name):
     """A real release process killed once its new .pt is written and before its .onnx and .json
@@ -337,8 +351,10 @@ def test_a_release_killed_between_its_renames_is_finished_by_the_next_reader(tin
     assert {p.name for p in old.iterdir()} == {"gap_cnn.pt", "gap_cnn.onnx", "gap_cnn.json"}
 
 
-def test_the_released_weights_classify_real_test_digits_in_pytorch_and_onnx(real_test_digits):
+@pytest.mark.integration  # the first 1,000 official test digits: the real files, fetched into data/
+def test_the_released_weights_classify_real_test_digits_in_pytorch_and_onnx():
     """weights/gap_cnn.{pt,onnx} as committed: the predict.py default, and its ONNX twin."""
+    ensure_files(ROOT / "data", MNIST_FILES, MNIST_MD5, MNIST_SOURCES)
     net = load_network(None, ROOT / "weights" / "gap_cnn.pt", GAP_CNN)
     images = standardize(to_unit(read_idx(ROOT / "data" / TEST_IMAGES)[:1000]))
     labels = read_idx(ROOT / "data" / TEST_LABELS)[:1000].long()

@@ -78,3 +78,14 @@ def test_recipe_presets_keep_their_promises(preset):
         assert cfg.model.layers == gap_cnn.layers
     split = (60_000, 0) if preset == "tiny" else (50_000, 10_000)
     assert (cfg.data.train_size, cfg.data.val_size) == split
+
+
+def test_the_default_recipe_is_robust_the_released_weights_recipe():
+    """`python train.py` trains what weights/gap_cnn.* came from; `experiment=best` is that
+    recipe without the stress-set distortion."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        default = compose("train")
+        robust, best = (compose("train", overrides=[f"experiment={p}"]) for p in ("robust", "best"))
+    assert default == robust and default.data.augment == "half_distort"
+    best.data.augment = "half_distort"
+    assert best == robust

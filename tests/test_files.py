@@ -33,6 +33,6 @@ def test_a_full_disk_leaves_the_previous_checkpoint_whole_and_says_which_disk(sm
         MnistlabError, match=f"no space left on the disk that holds {small_disk} while writing"
     ):
         checkpoints.save_checkpoint({"weights": torch.ones(40_000)}, last)  # about 160 KB
-    assert last.read_bytes() == good  # the earlier checkpoint, whole
+    assert last.read_bytes() == good  # the checkpoint written before, whole
     assert torch.load(last, weights_only=True)["weights"].shape == (10_000,)
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "last.ckpt"]  # no partial file

@@ -33,6 +33,7 @@ def test_the_data_notebook_runs_on_the_real_mnist(monkeypatch):
     assert pictures(notebook) >= 5  # label shares, stored digits, three augmentations
 
 
+@pytest.mark.integration  # a Jupyter kernel
 def test_the_runs_notebook_reads_a_run_and_builds_the_table(compose_train, tmp_path, monkeypatch):
     run_dir = tmp_path  # compose_train's run directory
     cfg = compose_train("debug=limit")

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from photos import photo
+from photos import drawn_three, photo
 from PIL import Image, ImageDraw, ImageFont
 
 from conftest import ROOT
 from mnistlab import MnistlabError
 from mnistlab.data import standardize, to_unit
-from mnistlab.demo_bench import drawn_three
 from mnistlab.predict import load_network
 from mnistlab.prepare import load_image, mnist_style
 
@@ -64,7 +63,7 @@ PHOTOS = {  # photo() settings: each on a sheet lit in a gradient from grey 140 
 @pytest.mark.parametrize("kind", PHOTOS)
 def test_photo_like_digits_are_read_right(kind, released, real_test_digits):
     """20 real test digits as photos of handwriting: at most one wrong (the released model reads
-    98.5-100% of such sets; the preparation before this one read most gradient photos as one digit)."""
+    98.5-100% of such sets; a preparation that ignores the paper's gradient reads most as one digit)."""
     images, labels = real_test_digits
     answers = [released(photo(d.numpy(), seed=i, **PHOTOS[kind])) for i, d in enumerate(images[:20])]
     truth = [int(label) for label in labels[:20]]
@@ -84,7 +83,7 @@ def printed(digit: str, size: int = 200) -> Image.Image:
 
 @pytest.mark.parametrize("digit", "2345679")
 def test_a_printed_digit_on_a_lighting_gradient_is_read(digit, released):
-    """The report that started this: a printed 7 on grey 140->220 paper was read as 0."""
+    """Printed digits on paper lit unevenly (grey 140 -> 220): the gradient is paper, not ink."""
     assert released(printed(digit)) == int(digit)
 
 
@@ -133,5 +132,5 @@ def test_an_animation_is_refused_not_read_by_its_first_frame(tmp_path, real_test
 @pytest.mark.parametrize("pen", [10, 40])
 def test_a_drawing_on_the_page_canvas_is_read_however_bold(pen, released):
     """A 3 in black on the demo's white 280x280 canvas: a bold pen covers a fifth of it, which
-    a fit of the paper to all pixels mistook for paper (the page answered "no digit")."""
+    a fit of the paper to all pixels would take for paper (and answer "no digit")."""
     assert released(drawn_three(pen)) == 3

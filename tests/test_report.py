@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mnistlab.report import Run, build_report, find_runs, main, plot_pareto
+from mnistlab import MnistlabError
+from mnistlab.report import Run, build_report, find_runs, plot_pareto, report
 from mnistlab.runs import HOST
 
 
@@ -72,19 +73,19 @@ def test_a_repeated_seed_keeps_the_run_that_started_last_not_the_last_path(tmp_p
 
 
 def test_a_missing_folder_is_one_line_naming_it(tmp_path):
-    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'nothing'} is not a folder"):
-        main([str(tmp_path / "nothing")])
+    with pytest.raises(MnistlabError, match=f"^{tmp_path / 'nothing'} is not a folder; pass logs="):
+        report(tmp_path / "nothing")
 
 
 def test_a_run_with_a_truncated_metrics_file_is_skipped_by_name_and_the_rest_reported(tmp_path, capsys):
     write_run(tmp_path, "a", "2026-11-26T09:31:00+00:00", 0.9950)
     write_run(tmp_path, "b", "2026-11-26T09:32:00+00:00", 0.9940)
     (tmp_path / "a" / "metrics.json").write_text('{"status": "ok", "test/')  # cut off mid-write
-    main([str(tmp_path)])
+    report(tmp_path)
     (skipped,) = capsys.readouterr().err.strip().splitlines()
     assert skipped.startswith(f"skipped: {tmp_path / 'a' / 'metrics.json'} is unreadable (JSONDecodeError)")
-    report = (tmp_path / "report.md").read_text()
-    assert "| 99.40 |" in report and "99.50" not in report
+    text = (tmp_path / "report.md").read_text()
+    assert "| 99.40 |" in text and "99.50" not in text
 
 
 def test_a_run_whose_process_was_killed_is_reported_lost_not_running(tmp_path):
@@ -127,3 +128,35 @@ def test_the_pareto_plot_has_one_point_per_recipe_with_mean_std_and_params(tmp_p
         "ex17 data.augment=none": (19348, 99.0, 0.0, 1),
     }
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_group_by_their_teacher_and_the_precision_they_trained_in():
+    """A teacher's files (by hash) and the resolved precision are part of the recipe; a run of
+    distill=none and precision=auto resolved to fp32 groups with runs from before either existed."""
+    old = run(1, 0.9950, 0.9930)
+    new = run(2, 0.9940, 0.9920)
+    new.config |= {"distill": {}}
+    new.config["trainer"] = {**new.config["trainer"], "precision": "auto"}
+    new.metrics |= {"precision": "32-true"}
+    bf16 = run(3, 0.9940, 0.9920)
+    bf16.metrics |= {"precision": "bf16-mixed"}
+    teachers = []
+    for seed, digest in [(4, "aa"), (5, "aa"), (6, "bb")]:
+        taught = run(seed, 0.9940, 0.9920)
+        taught.config |= {"distill": {"teachers": ["weights/gap_cnn.pt"], "temperature": 4.0, "weight": 0.5}}
+        taught.metrics |= {"teacher": {"files": [{"path": "weights/gap_cnn.pt", "sha256": digest}]}}
+        teachers.append(taught)
+    keys = [r.key for r in [old, new, bf16, *teachers]]
+    assert keys[0] == keys[1] and keys[2] != keys[0]
+    assert keys[3] == keys[4] and keys[5] != keys[3] and keys[3] != keys[0]
+
+
+def test_a_researchers_own_network_is_a_row_with_its_name_params_and_dropout():
+    """Any `_target_` network, not only a layer list: its `model=` choice names the row, and its
+    dropout shows when its constructor takes one."""
+    own = run(1, 0.9900, 0.9890)
+    own.config["model"] = {"_target_": "extensions.small_resnet.SmallResNet", "width": 16, "dropout": 0.1}
+    own.overrides = ["seed=1", "model=small_resnet"]
+    own.metrics["params"] = 9690
+    (row,) = [line for line in build_report([own]).splitlines() if line.startswith("| `")]
+    assert row.startswith("| `model=small_resnet` | 9,690 |") and "| 0.1 |" in row

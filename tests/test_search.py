@@ -141,6 +141,7 @@ def journal(path) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
+@pytest.mark.integration
 def test_two_workers_at_once_finish_one_study_with_exactly_n_trials(tiny_mnist, tmp_path):
     """Two `search.py` processes on one journal file, started together: 5 finished trials in all,
     each run once, in one worker's directory."""
@@ -168,6 +169,7 @@ def test_two_workers_at_once_finish_one_study_with_exactly_n_trials(tiny_mnist, 
     ]
 
 
+@pytest.mark.integration
 def test_a_trial_whose_worker_was_killed_is_reclaimed_and_the_study_still_ends_with_n_trials(
     tiny_mnist, tmp_path
 ):

@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import DDP_ON_CPU, ROOT, SAME_STEPS, assert_same_training, run_script
-from mnistlab.report import main as report_main
+from mnistlab.report import report
 
 pytestmark = pytest.mark.slurm
 
@@ -43,7 +43,7 @@ def test_a_slurm_sweep_leaves_one_finished_run_per_job_and_make_report_reads_the
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
         assert (run / "checkpoints" / "last.ckpt").is_file()
     assert len(list((tmp_path / ".submitit").glob("*/*_submitted.pkl"))) == 4  # four SLURM array tasks
-    report_main([str(tmp_path)])
+    report(tmp_path)
     rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| `")]
     assert len(rows) == 2 and all(row.split("|")[-3].strip() == "2" for row in rows)  # 2 seeds per dropout
 

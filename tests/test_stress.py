@@ -45,10 +45,10 @@ def test_train_records_stress_acc_and_eval_stress_true_reproduces_it(
     finished_run, compose_train, tmp_path, capsys
 ):
     run_dir = tmp_path / "run"
-    shutil.copytree(finished_run[0], run_dir)
+    shutil.copytree(finished_run, run_dir)
     recorded = json.loads((run_dir / "metrics.json").read_text())
     assert 0 <= recorded["stress/acc"] <= 1 and recorded["stress/loss"] > 0
-    del recorded["stress/acc"]  # as a run from before the stress set would be
+    del recorded["stress/acc"]  # a record without it: eval adds it back
     (run_dir / "metrics.json").write_text(json.dumps(recorded))
     best = run_dir / recorded["checkpoint"]
     evaluated = one_line_errors(evaluate)(
@@ -60,7 +60,7 @@ def test_train_records_stress_acc_and_eval_stress_true_reproduces_it(
     assert (
         again["stress/acc"]
         == pytest.approx(evaluated["stress/acc"])
-        == pytest.approx(json.loads((finished_run[0] / "metrics.json").read_text())["stress/acc"])
+        == pytest.approx(json.loads((finished_run / "metrics.json").read_text())["stress/acc"])
     )
     assert again["stress_val/acc"] == pytest.approx(recorded["stress_val/acc"])
     assert (

@@ -1,11 +1,15 @@
 """mnistlab: small-CNN experiments on MNIST with Lightning and Hydra."""
 
+import inspect
+import sys
 from pathlib import Path
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/mnistlab/__init__.py -> the checkout
+if str(PROJECT_ROOT) not in sys.path:  # `extensions/`, a researcher's own code, from any folder
+    sys.path.append(str(PROJECT_ROOT))
 
 
 class MnistlabError(Exception):
@@ -32,3 +36,12 @@ def instantiate(config, *args, **kwargs):
         if isinstance(e.__cause__, MnistlabError):
             raise e.__cause__ from None
         raise
+
+
+def lightning_trainer_defaults() -> dict:
+    """Every Lightning Trainer argument at Lightning's own default: the base of the `trainer`
+    config group, and what a printed config leaves out."""
+    from lightning import Trainer
+
+    params = inspect.signature(Trainer.__init__).parameters
+    return {name: param.default for name, param in params.items() if name != "self"}

@@ -1,7 +1,7 @@
 """`make bench`: what our training path costs against a bare PyTorch loop, measured in one process.
 
 (a) floor: a plain loop over pre-normalised tensors, no augmentation, no Lightning;
-(b) ours: the Lightning Trainer with IDXDataModule and the default `rotate_shift` augmentation;
+(b) ours: the Lightning Trainer with IDXDataModule and `rotate_shift` augmentation (experiment=best);
 (c) the original project's way: torchvision PIL transforms per image in a DataLoader with workers.
 All three train the same network with Adam on the same number of batches of the same size, on
 the GPU when there is one (timed with torch.cuda.synchronize around each epoch), else the CPU;
@@ -12,23 +12,29 @@ path's achieved FLOP/s against the machine's own matmul peak, measured in the sa
 
 from __future__ import annotations
 
-import argparse
+import logging
 import platform
 import statistics
 import time
 
+import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from mnistlab import PROJECT_ROOT, instantiate
+from mnistlab.cli import launch, one_line_errors
 from mnistlab.data import (
     MEAN,
+    MNIST_FILES,
+    MNIST_MD5,
+    MNIST_SOURCES,
     STD,
     TRAIN_IMAGES,
     TRAIN_LABELS,
     IDXDataModule,
+    ensure_files,
     read_idx,
     standardize,
     to_unit,
@@ -125,7 +131,7 @@ def time_lightning(
     module = Classifier(gap_cnn_config(), OPTIMIZER, None)
     if compile:
         module.net.compile()
-    datamodule = IDXDataModule(data_dir=data_dir, batch_size=batch_size, augment="rotate_shift")
+    datamodule = IDXDataModule(data_dir=data_dir, batch_size=batch_size, augment="rotate_shift", digits=True)
     trainer = L.Trainer(
         max_epochs=1 + repeats, limit_train_batches=batches, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -170,40 +176,30 @@ def time_pil_pipeline(data_dir: str, batch_size: int, batches: int, repeats: int
     return median_epoch(epoch, repeats)  # the warm-up epoch also starts the workers
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(ROOT_CONF.parent / "data"))
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per path (median shown)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also time (b) compiled, and in bf16 autocast")
-    args = parser.parse_args()
-    IDXDataModule(data_dir=args.data_dir).prepare_data()
+def bench(cfg) -> dict[str, float]:
+    """Time the three paths (and the compiled ones with `compile`); returns seconds per epoch."""
+    data_dir, batch_size, batches, repeats = cfg.data_dir, cfg.batch_size, cfg.batches, cfg.repeats
+    # each timed path is its own Trainer: their start and stop lines would bury the table
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    ensure_files(data_dir, MNIST_FILES, MNIST_MD5, MNIST_SOURCES)
     torch.manual_seed(0)
-    images, labels = read_idx(f"{args.data_dir}/{TRAIN_IMAGES}"), read_idx(f"{args.data_dir}/{TRAIN_LABELS}")
-    n = args.batch_size * args.batches
+    images, labels = read_idx(f"{data_dir}/{TRAIN_IMAGES}"), read_idx(f"{data_dir}/{TRAIN_LABELS}")
+    n = batch_size * batches
     where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else platform.processor() or "cpu"
-    print(f"{args.batches} batches of {args.batch_size} ({n:,} images) on {DEVICE.type} ({where}), "
+    print(f"{batches} batches of {batch_size} ({n:,} images) on {DEVICE.type} ({where}), "
           f"{torch.get_num_threads()} threads")  # fmt: skip
 
     b, bf16 = "(b) train.py path, rotate_shift", "(b'') compiled, bf16-mixed autocast"
     results = {
-        "(a) raw loop, no augmentation": time_raw_loop(
-            images, labels, args.batch_size, args.batches, args.repeats
-        ),
-        b: time_lightning(args.data_dir, args.batch_size, args.batches, args.repeats, compile=False),
-        f"(c) PIL per image, {args.workers} workers": time_pil_pipeline(
-            args.data_dir, args.batch_size, args.batches, args.repeats, args.workers
+        "(a) raw loop, no augmentation": time_raw_loop(images, labels, batch_size, batches, repeats),
+        b: time_lightning(data_dir, batch_size, batches, repeats, compile=False),
+        f"(c) PIL per image, {cfg.workers} workers": time_pil_pipeline(
+            data_dir, batch_size, batches, repeats, cfg.workers
         ),
     }
-    if args.compile:
-        results["(b') compiled"] = time_lightning(
-            args.data_dir, args.batch_size, args.batches, args.repeats, True
-        )
-        results[bf16] = time_lightning(
-            args.data_dir, args.batch_size, args.batches, args.repeats, True, precision="bf16-mixed"
-        )
+    if cfg.compile:
+        results["(b') compiled"] = time_lightning(data_dir, batch_size, batches, repeats, True)
+        results[bf16] = time_lightning(data_dir, batch_size, batches, repeats, True, precision="bf16-mixed")
     for name, seconds in results.items():
         print(f"{name:<44} {seconds:7.3f} s  {n / seconds:9.0f} images/s")
     a, b_time, c = list(results.values())[:3]
@@ -213,11 +209,18 @@ def main() -> None:
     achieved = TRAIN_FLOP_PER_IMAGE * n / fastest
     print(f"fp32 matmul peak {fp32_peak / 1e9:.0f} GFLOP/s; fastest fp32 training path {achieved / 1e9:.1f} "
           f"GFLOP/s = {achieved / fp32_peak:.1%} of it")  # fmt: skip
-    if args.compile:
+    if cfg.compile:
         bf16_peak = matmul_peak(torch.bfloat16)
         speedup = results[b] / results[bf16]
         print(f"bf16 matmul peak {bf16_peak / 1e9:.0f} GFLOP/s; bf16 autocast {speedup:.2f}x as fast as (b)")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="bench")
+@one_line_errors
+def main(cfg) -> None:
+    bench(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

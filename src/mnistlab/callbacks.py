@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from matplotlib.figure import Figure
@@ -111,39 +111,47 @@ class RandomState(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8) -> Figure:
-    """A figure of normalised [N, 1, 28, 28] images, each titled."""
+def digit_grid(
+    images: torch.Tensor, titles: list[str], columns: int = 8, mean: float = MEAN, std: float = STD
+) -> Figure:
+    """A figure of normalised [N, 1, H, W] images, each titled: one sheet drawn once (a
+    matplotlib axes per image costs more than a test epoch of a small network on a CPU)."""
     rows = max(1, -(-len(images) // columns))
+    h, w = images.shape[-2:]
+    top, side = 9, 2  # pixels of margin per image: above it for the title, either side of it
+    height, width = h + top, w + 2 * side
+    sheet = torch.ones(rows * height, columns * width)  # white paper
+    pixels = (images[:, 0].float().cpu() * std + mean).clamp(0, 1)
     fig = Figure(figsize=(columns * 1.1, rows * 1.25))  # not pyplot: no GUI backend, no global state
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles, strict=False):
-        ax.imshow((image[0].float().cpu() * STD + MEAN).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=8)
-    fig.tight_layout()
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    for i, (image, title) in enumerate(zip(pixels, titles, strict=False)):
+        y, x = (i // columns) * height, (i % columns) * width
+        sheet[y + top : y + height, x + side : x + side + w] = image
+        ax.text(x + width / 2, y + top - 1.5, title, ha="center", va="bottom", fontsize=8)
+    ax.imshow(sheet.numpy(), cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     return fig
 
 
 def confusion_figure(matrix: torch.Tensor, title: str) -> Figure:
-    matrix = matrix.cpu()
-    fig = Figure(figsize=(5.5, 5))
+    matrix, n = matrix.cpu(), len(matrix)
+    fig = Figure(figsize=(max(5.5, n * 0.5), max(5, n * 0.45)))
     ax = fig.subplots()
     ax.imshow(matrix.float().log1p().numpy(), cmap="Blues")
     for (i, j), count in zip(
-        torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(), matrix.flatten(), strict=True
+        torch.cartesian_prod(torch.arange(n), torch.arange(n)).tolist(), matrix.flatten(), strict=True
     ):
         if count:
             color = "black" if i != j else "white"
             ax.text(j, i, int(count), ha="center", va="center", fontsize=7, color=color)
-    ax.set(xlabel="predicted", ylabel="true", title=title, xticks=range(10), yticks=range(10))
+    ax.set(xlabel="predicted", ylabel="true", title=title, xticks=range(n), yticks=range(n))
     fig.tight_layout()
     return fig
 
 
-def confusion(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The 10x10 count matrix, true class by row, predicted by column."""
-    return torch.bincount(labels * 10 + predictions, minlength=100).reshape(10, 10)
+def confusion(predictions: torch.Tensor, labels: torch.Tensor, n: int = 10) -> torch.Tensor:
+    """The n x n count matrix, true class by row, predicted by column."""
+    return torch.bincount(labels * n + predictions, minlength=n * n).reshape(n, n)
 
 
 class Pictures(L.Callback):
@@ -156,49 +164,67 @@ class Pictures(L.Callback):
         self.grid_size = grid_size
 
     @staticmethod
-    def _writers(trainer):
+    def _loggers(trainer):
+        """The loggers that take pictures: TensorBoard, MLflow and W&B, on the main process."""
         if not trainer.is_global_zero:
             return []
-        return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        return [
+            lg for lg in trainer.loggers if isinstance(lg, (TensorBoardLogger, MLFlowLogger, WandbLogger))
+        ]
 
     def _draw(self, trainer, tag: str, fig) -> None:
-        for writer in self._writers(trainer):
-            writer.add_figure(tag, fig, global_step=trainer.global_step, close=False)
+        for logger in self._loggers(trainer):
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
+            elif isinstance(logger, MLFlowLogger):
+                logger.experiment.log_figure(logger.run_id, fig, f"{tag}.png")
+            else:
+                logger.log_image(key=tag, images=[fig], step=trainer.global_step)
+
+    def _classes(self, module) -> int:
+        return module.hparams.get("num_classes", 10)
+
+    def _grid(self, module, images, titles) -> Figure:
+        data = module.hparams.get("data") or {}
+        return digit_grid(images, titles, mean=data.get("mean", MEAN), std=data.get("std", STD))
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.current_epoch == 0 and batch_idx == 0 and self._writers(trainer):
+        if trainer.current_epoch == 0 and batch_idx == 0 and self._loggers(trainer):
             images, labels = batch
             n = min(self.grid_size, len(labels))
-            grid = digit_grid(images[:n], [str(int(y)) for y in labels[:n]])
+            grid = self._grid(module, images[:n], [str(int(y)) for y in labels[:n]])
             self._draw(trainer, "data/augmented_train", grid)
 
     def on_validation_epoch_start(self, trainer, module):
-        self.val_confusion = torch.zeros(10, 10, dtype=torch.long, device=module.device)
+        n = self._classes(module)
+        self.val_confusion = torch.zeros(n, n, dtype=torch.long, device=module.device)
 
     def on_validation_batch_end(self, trainer, module, logits, batch, batch_idx, dataloader_idx=0):
-        self.val_confusion += confusion(logits.argmax(1), batch[1])  # stays on the device: no sync
+        self.val_confusion += confusion(logits.argmax(1), batch[1], len(self.val_confusion))  # no sync
 
     def on_fit_end(self, trainer, module):
         if getattr(self, "val_confusion", None) is not None and self.val_confusion.sum():
             self._draw(trainer, "confusion/val", confusion_figure(self.val_confusion, "validation"))
 
     def on_test_epoch_start(self, trainer, module):
-        self.test_confusion = torch.zeros(10, 10, dtype=torch.long, device=module.device)
+        n = self._classes(module)
+        self.test_confusion = torch.zeros(n, n, dtype=torch.long, device=module.device)
         self.mistakes: list[tuple] = []
 
     def on_test_batch_end(self, trainer, module, logits, batch, batch_idx, dataloader_idx=0):
         images, labels = batch
         predictions = logits.argmax(1)
-        self.test_confusion += confusion(predictions, labels)
+        self.test_confusion += confusion(predictions, labels, len(self.test_confusion))
         if sum(len(m[1]) for m in self.mistakes) < self.grid_size:
             wrong = predictions != labels
             if wrong.any():
                 self.mistakes.append((images[wrong].cpu(), labels[wrong].cpu(), predictions[wrong].cpu()))
 
     def on_test_end(self, trainer, module):
-        self._draw(trainer, "confusion/test", confusion_figure(self.test_confusion, "test"))
+        prefix = getattr(module, "test_prefix", "test")  # the official test set, or a stressed copy
+        self._draw(trainer, f"confusion/{prefix}", confusion_figure(self.test_confusion, prefix))
         if self.mistakes:
             images, labels, predictions = (torch.cat(t) for t in zip(*self.mistakes, strict=True))
             n = min(self.grid_size, len(labels))
             titles = [f"{int(t)} -> {int(p)}" for t, p in zip(labels[:n], predictions[:n], strict=True)]
-            self._draw(trainer, "test/misclassified", digit_grid(images[:n], titles))
+            self._draw(trainer, f"{prefix}/misclassified", self._grid(module, images[:n], titles))

@@ -4,7 +4,6 @@ and an exit status that tells the truth about every job of a sweep."""
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import os
 import shutil
@@ -12,7 +11,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -20,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from mnistlab import PROJECT_ROOT, MnistlabError
+from mnistlab import PROJECT_ROOT, MnistlabError, lightning_trainer_defaults
 from mnistlab.runs import RunDir, StoppedBeforeStart
 
 log = logging.getLogger("mnistlab")
@@ -55,12 +53,6 @@ class _DropMessages(logging.Filter):
         return not str(record.msg).startswith(self.starts)
 
 
-def lightning_trainer_defaults() -> dict:
-    """Every Lightning Trainer argument at Lightning's own default."""
-    params = inspect.signature(L.Trainer.__init__).parameters
-    return {name: param.default for name, param in params.items() if name != "self"}
-
-
 @functools.cache
 def register() -> None:
     """What the configs need before Hydra composes them; called by each entry script and the tests.
@@ -68,11 +60,18 @@ def register() -> None:
     - `${pid:}` names run directories, so two runs started in the same second never share one;
     - `${project_root:}` roots data/, logs/ and weights/ at the checkout (conf/paths/default.yaml);
     - `lightning_trainer` holds every Trainer argument at Lightning's default, so any
-      `trainer.NAME=VALUE` override works as Lightning documents it (conf/trainer/default.yaml).
+      `trainer.NAME=VALUE` override works as Lightning documents it (conf/trainer/default.yaml);
+    - the console without the libraries' noise (`quiet_console`).
     """
     OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
     ConfigStore.instance().store(name="lightning_trainer", node=lightning_trainer_defaults())
+    quiet_console()
+
+
+@functools.cache
+def quiet_console() -> None:
+    """Silence NOISE_LOGS and NOISE_WARNINGS: for the Hydra apps (via `register`) and `make bench`."""
     for logger, starts in NOISE_LOGS.items():
         logging.getLogger(logger).addFilter(_DropMessages(starts))
     for message in NOISE_WARNINGS:

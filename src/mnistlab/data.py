@@ -348,7 +348,8 @@ class IDXDataModule(L.LightningDataModule):
                 raise MnistlabError(f"data.{key}={value!r} is not allowed; use {allowed}")
         if sorted(files) != sorted(ROLES):
             raise MnistlabError(
-                f"data.files names {', '.join(sorted(files)) or 'nothing'}; it needs exactly {', '.join(ROLES)}"
+                f"data.files names {', '.join(sorted(files)) or 'nothing'}; "
+                f"it needs exactly {', '.join(ROLES)}"
             )
         if augment not in AUGMENTATIONS:
             raise MnistlabError(

@@ -9,6 +9,12 @@ api_name="/predict")`.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +128,37 @@ def serve(cfg) -> None:
     app = build_app(networks(cfg))
     print(f"mnistlab demo on http://{cfg.host}:{cfg.port} (Ctrl-C stops it)", flush=True)
     app.queue().launch(server_name=cfg.host, server_port=int(cfg.port), show_error=True, quiet=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(*overrides: str, timeout: float = 180):
+    """The page as `python demo.py port=<a free port> [overrides]` serves it, in a subprocess:
+    yields its URL once it answers, and stops it after."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "demo.py", f"port={port}", *overrides], cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    raise RuntimeError(
+                        f"demo.py did not serve {url}:\n{server.stdout.read()[-3000:]}"
+                    ) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

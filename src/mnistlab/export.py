@@ -1,14 +1,14 @@
 """The task behind `export.py`: a checkpoint's network as ONNX, checked against PyTorch.
 
-The ONNX graph takes `[N, 1, 28, 28]` float images normalised with mean 0.1307 and std 0.3081
-(any N) and returns `[N, 10]` logits. Before the file is put in place, onnxruntime runs it on
-real test images and its logits must match PyTorch's to 1e-4.
+The ONNX graph takes `[N, C, H, W]` float images normalised as the network's data (MNIST's:
+`[N, 1, 28, 28]`, mean 0.1307, std 0.3081; any N) and returns `[N, classes]` logits. Before
+the file is put in place, onnxruntime runs it on real test images and its logits must match
+PyTorch's to 1e-4.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from mnistlab import MnistlabError, instantiate
 from mnistlab.data import Split, standardize, to_unit
+from mnistlab.files import replacing
 from mnistlab.module import load_classifier
 
 log = logging.getLogger(__name__)
@@ -30,20 +31,13 @@ def export_onnx(net: nn.Module, path: str | Path, check_images: torch.Tensor) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = net.eval().cpu()
-    example = torch.zeros(2, 1, 28, 28)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
+    example = torch.zeros(2, *check_images.shape[1:])
+    with replacing(path) as tmp:
         torch.onnx.export(
             net, (example,), tmp, input_names=["image"], output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False, verbose=False,
         )  # fmt: skip
-        worst = check_against_torch(net, tmp, check_images)
-        os.chmod(tmp, 0o644)  # mkstemp made it owner-only
-        os.replace(tmp, path)
-        return worst
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        return check_against_torch(net, tmp, check_images)
 
 
 def onnx_logits(path: str | Path, images: torch.Tensor) -> np.ndarray:
@@ -76,7 +70,7 @@ def official_test_set(data_cfg) -> Split:
 
 def first_test_images(data_cfg, count: int) -> torch.Tensor:
     """The first `count` official test images, normalised as the network takes them."""
-    return standardize(to_unit(official_test_set(data_cfg).images[:count]))
+    return standardize(to_unit(official_test_set(data_cfg).images[:count]), data_cfg.mean, data_cfg.std)
 
 
 def output_path(ckpt_path: str | Path, output: str | None, overwrite: bool) -> Path:
@@ -100,9 +94,15 @@ def output_path(ckpt_path: str | Path, output: str | None, overwrite: bool) -> P
 
 def export(cfg) -> float:
     """Export the checkpoint, checked on the first `check_images` official test images."""
-    net = load_classifier(cfg.ckpt_path).net
+    model = load_classifier(cfg.ckpt_path)
     path = output_path(cfg.ckpt_path, cfg.output, cfg.overwrite)
     images = first_test_images(cfg.data, cfg.check_images)
+    if list(images.shape[1:]) != list(model.hparams.data["input_shape"]):
+        raise MnistlabError(
+            f"{cfg.ckpt_path} takes {model.hparams.data['input_shape']} images, the data config gives "
+            f"{list(images.shape[1:])}; pass the data= the checkpoint was trained on"
+        )
+    net = model.net
     worst = export_onnx(net, path, check_images=images)
     print(f"{path}: ONNX logits match PyTorch within {worst:.1e} on {len(images)} test images")
     return worst

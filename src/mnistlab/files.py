@@ -12,6 +12,8 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +29,38 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename; a full disk is one clear error."""
+    """Write `data` to `path` atomically (see `replacing`)."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside `path` for the block to write (by any means: bytes, a library's
+    own writer); once the block ends without error it is flushed to disk and renamed over
+    `path`, otherwise removed. A full disk is one clear error, the previous `path` intact."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it owner-only; these files are for everyone
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; these files are for everyone
         os.replace(tmp, path)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise MnistlabError(
-                f"no space left on the disk that holds {path.parent} while writing {path.name} "
-                f"({len(data):,} bytes); free space there (the previous {path.name} is intact)"
+                f"no space left on the disk that holds {path.parent} while writing {path.name}; "
+                f"free space there (the previous {path.name} is intact)"
             ) from None
         raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -11,7 +11,7 @@ import inspect
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -24,6 +24,9 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from mnistlab import MnistlabError, as_number, instantiate
+
+if TYPE_CHECKING:
+    from mnistlab.distill import Distillation
 
 # What a network reads when its data config says nothing else: MNIST's shape and normalisation.
 MNIST_INPUT = {"num_classes": 10, "input_shape": [1, 28, 28], "mean": 0.1307, "std": 0.3081, "digits": True}
@@ -100,6 +103,7 @@ class Classifier(L.LightningModule):
         label_smoothing: float = 0.0,
         metrics: dict | None = None,
         data: dict | None = None,
+        distillation: Distillation | None = None,
     ):
         super().__init__()
         lr = plain(optimizer).get("lr")
@@ -139,6 +143,7 @@ class Classifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
         self.test_prefix = "test"  # `stress` and `stress_val` when the stressed copies are tested
+        self.distillation = distillation  # teachers (distill.py): not a submodule, so never saved
 
     def forward(self, x):
         return self.net(x)
@@ -156,7 +161,11 @@ class Classifier(L.LightningModule):
         logits = self(images)
         self.train_acc(logits, labels)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        return self._loss(logits, labels, "train")
+        loss = self._loss(logits, labels, "train")
+        if self.distillation:  # train/loss stays the labels' loss; the optimised one mixes in the teachers'
+            loss, logs = self.distillation.loss(logits, images, labels, loss)
+            self.log_dict(logs, on_step=False, on_epoch=True)
+        return loss
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch

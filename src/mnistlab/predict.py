@@ -1,5 +1,7 @@
-"""The task behind `predict.py`: the digit in a photo or scan (prepared by `prepare.py`) and the
-class probabilities, from released weights or a checkpoint."""
+"""The task behind `predict.py`: the class of an image and the class probabilities, from released
+weights or a checkpoint. A digit network reads a photo or scan prepared as MNIST would have made
+it (`prepare.py`); a network trained on other data gets the image in grey, resized to its input
+and normalised as its data was."""
 
 from __future__ import annotations
 
@@ -7,10 +9,22 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from mnistlab import MnistlabError, instantiate
+from mnistlab.data import standardize
 from mnistlab.module import load_classifier
-from mnistlab.prepare import load_image, mnist_style
+from mnistlab.prepare import flatten_alpha, load_image, mnist_style
+
+
+def as_input(image: Image.Image, data: dict) -> torch.Tensor:
+    """[1, C, H, W] for a network whose checkpoint describes its data (`Classifier.hparams.data`)."""
+    if data.get("digits", True):
+        return mnist_style(image)
+    _, height, width = data["input_shape"]
+    grey = flatten_alpha(image).resize((width, height), Image.BILINEAR)
+    pixels = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).float().view(1, 1, height, width)
+    return standardize(pixels / 255, data["mean"], data["std"])
 
 
 def load_network(ckpt_path: str | None, weights: str | Path, model_cfg) -> torch.nn.Module:
@@ -43,13 +57,18 @@ def load_network(ckpt_path: str | None, weights: str | Path, model_cfg) -> torch
 
 
 def predict(cfg) -> dict:
-    """Read and prepare the image first (the input most likely to be wrong), then the model."""
-    image = mnist_style(load_image(cfg.image))
-    net = load_network(cfg.get("ckpt_path"), cfg.weights, cfg.model)
+    """Read the image first (the input most likely to be wrong), then the model."""
+    image = load_image(cfg.image)
+    if cfg.get("ckpt_path"):
+        model = load_classifier(cfg.ckpt_path)
+        net, data = model.net.eval(), model.hparams.data
+    else:  # released weights: the project's digit networks
+        net, data = load_network(None, cfg.weights, cfg.model), {"digits": True}
+    prepared = as_input(image, data)
     with torch.no_grad():
-        probabilities = torch.softmax(net(image), dim=1)[0]
+        probabilities = torch.softmax(net(prepared), dim=1)[0]
     result = {
-        "digit": int(probabilities.argmax()),
+        ("digit" if data.get("digits", True) else "class"): int(probabilities.argmax()),
         "probabilities": [round(float(p), 4) for p in probabilities],
     }
     print(json.dumps({"image": str(cfg.image), **result}))

@@ -1,4 +1,4 @@
-"""The experiment table, built from the runs under `logs/`: `python -m mnistlab.report [LOGS]`.
+"""The experiment table, built from the runs under `logs/`: `python -m mnistlab.report [logs=DIR]`.
 
 Each run directory holds `.hydra/config.yaml` (what ran), `metrics.json` (how it ended) and
 TensorBoard events (the curves). Runs whose configs differ only in `seed` are one row, with
@@ -13,9 +13,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 from omegaconf import OmegaConf
 
 from mnistlab import PROJECT_ROOT, MnistlabError
+from mnistlab.cli import launch, one_line_errors
 from mnistlab.runs import RunDir, process_alive
 
 # What the original project's README reported for each experiment (docs/original-experiments.md).
@@ -91,6 +93,16 @@ class Run:
         recording = recording_callbacks()
         config["callbacks"] = {k: v for k, v in callbacks if v and k not in recording}
         config.setdefault("label_smoothing", 0.0)  # runs from before the key existed had none
+        # the precision the run trained in (trainer.precision=auto resolved; unset was fp32)
+        precision = self.metrics.get("precision") or config["trainer"].get("precision")
+        config["trainer"]["precision"] = "32-true" if precision in (None, 32, "32") else str(precision)
+        # a teacher is part of the recipe, by its files' contents (distill=none and runs from
+        # before distillation have none)
+        if config.get("distill") or self.metrics.get("teacher"):
+            files = (self.metrics.get("teacher") or {}).get("files", [])
+            config["distill"] = {**(config.get("distill") or {}), "teachers": [f["sha256"] for f in files]}
+        else:
+            config.pop("distill", None)
         return json.dumps(config, sort_keys=True, default=str)
 
 
@@ -106,7 +118,7 @@ def find_runs(logs: Path) -> Runs:
     """Every run under `logs` that has a config and a metrics.json, oldest first; a run directory
     whose records cannot be read is left out and named in `unreadable`, with why."""
     if not logs.is_dir():
-        raise MnistlabError(f"{logs} is not a folder; pass the folder that holds the runs (default logs)")
+        raise MnistlabError(f"{logs} is not a folder; pass logs=<the folder that holds the runs>")
     runs = Runs()
     for metrics_file in sorted(logs.rglob("metrics.json")):
         run_dir = RunDir(metrics_file.parent)
@@ -152,7 +164,10 @@ def _describe(config: dict) -> dict[str, str]:
     if sched_name == "StepLR":
         sched_name += f" {scheduler.get('step_size')}×{scheduler.get('gamma')}"
     model, data = config.get("model", {}), config.get("data", {})
-    has_dropout = any(str(line).split()[0] == "dropout" for line in model.get("layers", []))
+    # a layer list uses model.dropout only where it has a `dropout` line; any other network, if it takes one
+    has_dropout = "dropout" in model and (
+        "layers" not in model or any(str(line).split()[0] == "dropout" for line in model["layers"])
+    )
     return {
         "batch": str(data.get("batch_size", "")),
         "optimizer": f"{optimizer.get('_target_', '?').rsplit('.', 1)[-1]} {optimizer.get('lr'):.4g}",
@@ -301,20 +316,27 @@ def plot_pareto(runs: list[Run], path: Path) -> list[tuple[str, int, float, floa
     return points
 
 
-def main(argv: list[str] | None = None) -> None:
-    logs = Path((argv or sys.argv[1:] or ["logs"])[0])
-    try:
-        found = find_runs(logs)
-    except MnistlabError as e:
-        sys.exit(f"error: {e}")
+def report(logs: str | Path) -> list[Run]:
+    """`report.md`, `report.png` and `pareto.png` in `logs` from every run under it (its
+    `debug/` folder left out: checks, not results); a run whose records cannot be read is named
+    and skipped. Returns the runs it read."""
+    logs = Path(logs)
+    found = find_runs(logs)
     for why in found.unreadable:
         print(f"skipped: {why}", file=sys.stderr)
-    runs = [r for r in found if r.path.relative_to(logs).parts[0] != "debug"]  # checks, not results
+    runs = [r for r in found if r.path.relative_to(logs).parts[0] != "debug"]
     (logs / "report.md").write_text(build_report(runs))
     plot_curves(runs, logs / "report.png")
     plot_pareto(runs, logs / "pareto.png")
     print(f"{len(runs)} runs -> {logs / 'report.md'}, {logs / 'report.png'}, {logs / 'pareto.png'}")
+    return runs
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="report")
+@one_line_errors
+def main(cfg) -> None:
+    report(cfg.logs)
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

@@ -18,7 +18,7 @@ import shutil
 import socket
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache, partial
 from pathlib import Path
 
@@ -293,7 +293,7 @@ class RunRecord(L.Callback):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def resume_checkpoint(ckpt_path: str | None, run_dir: RunDir, hparams: dict, max_epochs: int) -> str | None:

@@ -84,7 +84,8 @@ def format_table(net: nn.Module, input_shape: list[int] = (1, 28, 28)) -> str:
     for row in rows:
         rf = "?" if row.receptive_field is None else str(row.receptive_field)
         lines.append(
-            f"{row.index:>5}  {row.name[:17]:<18}{row.type[:19]:<20}{str(row.shape):<20}{row.params:>8,}{rf:>6}"
+            f"{row.index:>5}  {row.name[:17]:<18}{row.type[:19]:<20}"
+            f"{str(row.shape):<20}{row.params:>8,}{rf:>6}"
         )
     total = sum(p.numel() for p in net.parameters())
     outside = total - sum(r.params for r in rows)
@@ -98,5 +99,11 @@ def format_table(net: nn.Module, input_shape: list[int] = (1, 28, 28)) -> str:
     return "\n".join(lines)
 
 
-def print_summary(model_cfg, input_shape: list[int] = (1, 28, 28)) -> None:
+def print_summary(model_cfg, data_cfg=None) -> None:
+    """The table for the data's image shape where its files are there, else MNIST's 28x28."""
+    input_shape = [1, 28, 28]
+    if data_cfg is not None:
+        datamodule = instantiate(data_cfg)
+        if (datamodule.data_dir / datamodule.files["train_images"]).is_file():
+            input_shape = datamodule.input_shape
     print(format_table(instantiate(model_cfg), input_shape))

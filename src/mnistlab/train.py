@@ -26,11 +26,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from mnistlab import MnistlabError, as_integer, instantiate
-from mnistlab.cli import lightning_trainer_defaults
+from mnistlab import MnistlabError, as_integer, instantiate, lightning_trainer_defaults
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.models import count_params
 from mnistlab.module import Classifier
+from mnistlab.precision import trainer_precision
 from mnistlab.runs import (
     RunDir,
     RunRecord,
@@ -46,8 +46,12 @@ log = logging.getLogger(__name__)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = (), **overrides) -> L.Trainer:
-    """The configured Trainer, with checkpoints written atomically and no live progress bar
-    where nobody watches one (a pipe, a file, CI)."""
+    """The configured Trainer, with checkpoints written atomically, `trainer.precision=auto`
+    resolved for this machine, and no live progress bar where nobody watches one (a pipe, a
+    file, CI)."""
+    if "precision" not in overrides:
+        overrides["precision"], why = trainer_precision(cfg.trainer)
+        log.info("precision: %s (%s)", overrides["precision"], why)
     callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c), *callbacks]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
     if cfg.get("data") and cfg.data.val_size == 0:
@@ -189,9 +193,10 @@ def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback], watch)
         L.seed_everything(seed, workers=True, verbose=False)  # the printed config shows it
         datamodule = instantiate(cfg.data, shuffle_seed=seed)  # the run's seed orders its batches
         datamodule.prepare_data()  # the files are read here to learn the images' shape
+        teachers = instantiate(cfg.distill) if cfg.get("distill") else None  # conf/distill/
         model = Classifier(
             cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing,
-            metrics=cfg.get("metrics"), data=data_facts(datamodule),
+            metrics=cfg.get("metrics"), data=data_facts(datamodule), distillation=teachers,
         )  # fmt: skip
         epochs, batches = cfg.trainer.max_epochs, cfg.trainer.get("limit_train_batches")
         if not as_integer(epochs) >= 1:
@@ -202,7 +207,8 @@ def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback], watch)
         if cfg.scheduler:
             check_arguments(cfg.scheduler, "scheduler", ignore=("interval",))
         resume_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir, model.hparams, epochs)
-        trainer = build_trainer(cfg, callbacks)
+        precision, precision_why = trainer_precision(cfg.trainer)
+        trainer = build_trainer(cfg, callbacks, precision=precision)
     except (KeyboardInterrupt, SIGTERMException) as e:  # a fetch or a check stopped: nothing recorded
         how = "SIGTERM" if isinstance(e, SIGTERMException) else "Ctrl-C"
         raise StoppedBeforeStart(how) from None
@@ -214,13 +220,19 @@ def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback], watch)
         params=count_params(model.net),
         commit=source_commit(),
         machine=machine(trainer.strategy.root_device),
+        precision=precision,
+        precision_why=precision_why,
+        **({"teacher": teachers.record()} if teachers else {}),
     )
     trainer.callbacks.append(record)
     try:
         log.info("run directory: %s\n%s", run_dir.path, chosen_config(cfg))
+        log.info("precision: %s (%s)", precision, precision_why)
         log.info("model:\n%s", format_table(model.net, model.hparams.data["input_shape"]))
         if cfg.compile:
             compile_network(model.net, trainer.strategy.root_device)
+            for teacher in teachers.nets if teachers else ():
+                compile_network(teacher, trainer.strategy.root_device)
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path)
         val_best = trainer.callback_metrics.get("val/acc_best")
         monitored_first = sorted(trainer.checkpoint_callbacks, key=lambda c: c.monitor is None)
