@@ -83,7 +83,7 @@ test: install ## The fast test suite: everything that runs inside the pytest pro
 	$(PY) -m pytest -m "not slow and not browser and not slurm and not integration and not postgres" -q
 
 test-integration: install ## Tests whose point is a separate process: scripts, sweeps, servers, workers, fetches.
-	$(PY) -m pytest -m "integration and not slow and not browser and not slurm" -q
+	$(PY) -m pytest -m "integration and not slow and not browser and not slurm and not postgres" -q
 
 # Debian's chromium package, installed when missing (Playwright's own download needs the network).
 test-browser: install ## The demo page driven in a real headless Chromium.
@@ -96,10 +96,9 @@ test-slurm: install ## Sweeps and a shared Optuna study on a real one-node SLURM
 	SLURM_CONF=$${SLURM_LOCAL_DIR:-/tmp/mnistlab-slurm}/slurm.conf $(PY) -m pytest -m slurm -q; \
 		status=$$?; scripts/slurm-local.sh down; exit $$status
 
-## An Optuna study shared through a real PostgreSQL (scripts/postgres-local.sh: Debian's package,
-## installed when missing, a throwaway server on 127.0.0.1, stopped again after the tests).
-test-postgres: install
-	$(PY) -c "import psycopg" 2>/dev/null || $(PIP) install --quiet "psycopg[binary]"  # SQLAlchemy's PostgreSQL driver
+# scripts/postgres-local.sh installs Debian's postgresql when missing, starts a throwaway server on
+# 127.0.0.1, and stops it after the tests.
+test-postgres: install ## An Optuna study shared by workers through a real PostgreSQL, one worker killed.
 	MNISTLAB_POSTGRES_URL=$$(scripts/postgres-local.sh up) $(PY) -m pytest -m postgres -q; \
 		status=$$?; scripts/postgres-local.sh down; exit $$status
 
