@@ -13,7 +13,7 @@ space  := $(subst ,, )
 
 .DEFAULT_GOAL := install
 .PHONY: help install lock train sweep report release speedrun bench bench-demo demo test test-integration \
-	test-browser test-slurm test-all lint tensorboard mlflow clean
+	test-browser test-slurm test-postgres test-all lint tensorboard mlflow clean
 
 help: ## This list.
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -80,10 +80,10 @@ bench-demo: install ## Latency of the demo page over HTTP: median of 20 calls fr
 
 # Offline apart from one MNIST fetch into data/ on first use.
 test: install ## The fast test suite: everything that runs inside the pytest process.
-	$(PY) -m pytest -m "not slow and not browser and not slurm and not integration" -q
+	$(PY) -m pytest -m "not slow and not browser and not slurm and not integration and not postgres" -q
 
 test-integration: install ## Tests whose point is a separate process: scripts, sweeps, servers, workers, fetches.
-	$(PY) -m pytest -m "integration and not slow and not browser and not slurm" -q
+	$(PY) -m pytest -m "integration and not slow and not browser and not slurm and not postgres" -q
 
 # Debian's chromium package, installed when missing (Playwright's own download needs the network).
 test-browser: install ## The demo page driven in a real headless Chromium.
@@ -96,9 +96,15 @@ test-slurm: install ## Sweeps and a shared Optuna study on a real one-node SLURM
 	SLURM_CONF=$${SLURM_LOCAL_DIR:-/tmp/mnistlab-slurm}/slurm.conf $(PY) -m pytest -m slurm -q; \
 		status=$$?; scripts/slurm-local.sh down; exit $$status
 
+# scripts/postgres-local.sh installs Debian's postgresql when missing, starts a throwaway server on
+# 127.0.0.1, and stops it after the tests.
+test-postgres: install ## An Optuna study shared by workers through a real PostgreSQL, one worker killed.
+	MNISTLAB_POSTGRES_URL=$$(scripts/postgres-local.sh up) $(PY) -m pytest -m postgres -q; \
+		status=$$?; scripts/postgres-local.sh down; exit $$status
+
 test-all: install ## Every test: the slow ones, the integration tier, the browser and SLURM tests.
-	$(PY) -m pytest -q -m "not browser and not slurm"
-	$(MAKE) test-browser test-slurm
+	$(PY) -m pytest -q -m "not browser and not slurm and not postgres"
+	$(MAKE) test-browser test-slurm test-postgres
 
 lint: install ## ruff check and ruff format --check over the whole tree.
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

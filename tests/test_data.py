@@ -252,7 +252,7 @@ def test_val_and_test_images_are_never_augmented_and_train_images_are(tiny_mnist
 @pytest.mark.integration
 def test_real_mnist_is_fetched_or_reused_with_its_known_counts(real_test_digits):
     """The real files: fetched once into data/, then reused; tests/first40 is their first 40."""
-    dm = IDXDataModule(data_dir=str(ROOT / "data"))
+    dm = IDXDataModule(data_dir=str(ROOT / "data"), checksums=MNIST_MD5, sources=MNIST_SOURCES)
     dm.prepare_data()
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50_000, 10_000, 10_000)

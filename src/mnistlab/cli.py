@@ -4,7 +4,6 @@ and an exit status that tells the truth about every job of a sweep."""
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import shutil
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from mnistlab import PROJECT_ROOT, MnistlabError, lightning_trainer_defaults
-from mnistlab.runs import RunDir
+from mnistlab.runs import RunDir, StoppedBeforeStart
 
 log = logging.getLogger("mnistlab")
 
@@ -94,6 +93,10 @@ def one_line_errors(task):
         try:
             try:
                 return task(cfg)
+            except StoppedBeforeStart as e:  # stops a sweep too: the signal was meant for all of it
+                remove_if_rejected()
+                print(f"error: {e.message}", file=sys.stderr)
+                raise
             except MissingMandatoryValue as e:
                 raise MnistlabError(
                     f"{e.full_key} is required: add {e.full_key}=VALUE to the command"
@@ -123,11 +126,38 @@ class FailedJobRecords(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         for record in sorted(Path(config.hydra.sweep.dir).glob("*/metrics.json")):
-            run = json.loads(record.read_text())
+            run_dir = RunDir(record.parent)
+            try:
+                run = run_dir.read_metrics()
+            except MnistlabError as e:
+                FAILED_JOBS.setdefault(record.parent.name, f"(unreadable record): {e}")
+                continue
             if run.get("status") == "failed" and record.parent.name not in FAILED_JOBS:
-                overrides = record.parent / ".hydra" / "overrides.yaml"
-                how = ",".join(OmegaConf.load(overrides)) if overrides.is_file() else "no overrides"
+                how = ",".join(run_dir.read_overrides()) or "no overrides"
                 FAILED_JOBS[record.parent.name] = f"({how}): {run.get('error')}"
+
+
+class WritableRunDirectory(Callback):
+    """Before Hydra makes the run (or sweep) directory: one that cannot be made (MNISTLAB_ROOT or
+    paths.logs on a read-only disk) is a one-line error, not Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(path: str) -> None:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(
+                f"error: cannot make the run directory {path} ({e.strerror}); set MNISTLAB_ROOT or "
+                "paths.logs to a writable folder",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
 
 def remove_if_rejected() -> None:

@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from mnistlab import MnistlabError, instantiate
 from mnistlab.augment import tta_views
 from mnistlab.data import IDXDataModule, standardize, to_unit
-from mnistlab.files import write_json
 from mnistlab.module import load_classifier
+from mnistlab.runs import RunDir
 from mnistlab.train import build_trainer, stress_test
 
 
@@ -52,13 +52,13 @@ def evaluate(cfg: DictConfig) -> dict:
         metrics |= stress_test(trainer, model, cfg.data)
     if cfg.stress or cfg.get("tta"):
         checkpoint = Path(cfg.ckpt_path).resolve()
-        record = checkpoint.parents[1] / "metrics.json"
-        run = json.loads(record.read_text()) if record.is_file() else {}
-        if run.get("checkpoint") and record.parent / run["checkpoint"] == checkpoint:
+        run_dir = RunDir(checkpoint.parents[1])  # <run>/checkpoints/<file>
+        run = run_dir.read_metrics()
+        if run.get("checkpoint") and run_dir.path / run["checkpoint"] == checkpoint:
             # the checkpoint its run was tested on: the run's record gains the new figures
             added = {
                 k: v for k, v in metrics.items() if k.startswith(("stress/", "stress_val/", "test/acc_tta"))
             }
-            write_json(record, run | added)
+            run_dir.write_metrics(run | added)
     print(json.dumps({"ckpt_path": str(cfg.ckpt_path), **metrics}))
     return metrics

@@ -90,7 +90,14 @@ def build_metrics(metrics: dict, num_classes: int) -> MetricCollection:
         cls = get_class(config["_target_"])
         extra = {"num_classes": num_classes} if "num_classes" in inspect.signature(cls).parameters else {}
         built[name] = instantiate({**extra, **config})
-    return MetricCollection(built)
+    return MetricCollection(built, compute_groups=False)
+
+
+def gives_one_value(metric, num_classes: int) -> bool:
+    """Whether a metric computes one number (accuracy, F1) or one per class, tried on 2 images."""
+    probe = metric.clone()
+    probe.update(torch.eye(num_classes)[:2], torch.arange(2) % num_classes)
+    return probe.compute().numel() == 1
 
 
 class Classifier(L.LightningModule):
@@ -140,6 +147,9 @@ class Classifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = build_metrics(metrics, num_classes)
         self.test_metrics = self.val_metrics.clone()
+        # One-number metrics are logged from the steps, so callbacks see them at the epoch's end
+        # like any logged value; per-class ones are logged by the module once the epoch is over.
+        self.scalar_metrics = {n for n, m in self.val_metrics.items() if gives_one_value(m, num_classes)}
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
         self.test_prefix = "test"  # `stress` and `stress_val` when the stressed copies are tested
@@ -171,37 +181,39 @@ class Classifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         self._loss(logits, labels, "val")
-        self.val_metrics.update(logits, labels)
+        self._update(self.val_metrics, logits, labels, "val")
         return logits  # for callbacks' pictures
 
     def test_step(self, batch, batch_idx):
         images, labels = batch
         logits = self(images)
         self._loss(logits, labels, self.test_prefix)
-        self.test_metrics.update(logits, labels)
+        self._update(self.test_metrics, logits, labels, self.test_prefix)
         return logits
 
-    def _log_metrics(self, metrics: MetricCollection, prefix: str) -> dict:
-        """Every metric's value as `prefix/name`; a per-class metric as `prefix/name/CLASS`."""
-        values = {}
-        for name, value in metrics.compute().items():
-            if value.numel() == 1:
-                values[f"{prefix}/{name}"] = value.squeeze()
-            else:
-                values |= {f"{prefix}/{name}/{i}": v for i, v in enumerate(value.flatten())}
-        metrics.reset()
-        self.log_dict(values, prog_bar=False)
-        return values
+    def _update(self, metrics: MetricCollection, logits, labels, prefix: str) -> None:
+        for name, metric in metrics.items():
+            metric.update(logits, labels)
+            if name in self.scalar_metrics:
+                self.log(f"{prefix}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc")
+
+    def _log_per_class(self, metrics: MetricCollection, prefix: str) -> None:
+        """A per-class metric as `prefix/name/CLASS`, once the epoch's batches are all in."""
+        for name, metric in metrics.items():
+            if name not in self.scalar_metrics:
+                values = metric.compute().flatten()
+                self.log_dict({f"{prefix}/{name}/{i}": v for i, v in enumerate(values)})
+                metric.reset()
 
     def on_validation_epoch_end(self):
-        values = self._log_metrics(self.val_metrics, "val")
+        self._log_per_class(self.val_metrics, "val")
         if self.trainer.sanity_checking:  # a few batches before training: not a result
             return
-        self.val_acc_best(values["val/acc"])
+        self.val_acc_best(self.val_metrics["acc"].compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def on_test_epoch_end(self):
-        self._log_metrics(self.test_metrics, self.test_prefix)
+        self._log_per_class(self.test_metrics, self.test_prefix)
 
     def configure_optimizers(self):
         optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())

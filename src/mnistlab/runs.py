@@ -234,6 +234,17 @@ class RunDir:
             return None
 
 
+class StoppedBeforeStart(SystemExit):
+    """SIGTERM or Ctrl-C before a run was accepted (while its data was fetched or its settings
+    checked): nothing was recorded, and the exit status says which signal (143 or 130)."""
+
+    def __init__(self, how: str):
+        super().__init__(143 if how == "SIGTERM" else 130)
+        self.message = (
+            f"stopped by {how} before the run started (nothing was recorded); run the command again"
+        )
+
+
 class RunRecord(L.Callback):
     """`metrics.json` of one run, rewritten atomically at every change of state and at every
     epoch's end (so a run killed outright still says how far it got and how long it took).

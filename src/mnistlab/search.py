@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +27,7 @@ import sqlalchemy.exc
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from mnistlab import MnistlabError, as_integer, instantiate
@@ -101,7 +102,11 @@ def check_some_shape_fits(space: DictConfig, base: list[str]) -> None:
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 COUNTED = (*FINISHED, TrialState.RUNNING)  # finished, or taking a place now
-RETRY = RetryFailedTrialCallback(max_retry=3)  # a lost trial's parameters run again, up to 3 times
+with warnings.catch_warnings():  # "experimental" since Optuna 2.8: the callback Optuna documents for this
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    RETRY = RetryHeartbeatStaleTrialCallback(
+        max_retry=3
+    )  # a lost trial's parameters run again, up to 3 times
 
 
 def counts(trial: optuna.trial.FrozenTrial) -> bool:
@@ -114,7 +119,9 @@ def reclaim_lost_trials(study: optuna.Study) -> None:
     """Fails the running trials whose worker process is gone (on this machine: `kill -9`, an
     out-of-memory kill) and queues their parameters again; a database's heartbeat does the same
     for workers on other machines once `grace_period` has passed."""
-    optuna.storages.fail_stale_trials(study)  # databases only: heartbeats older than the grace period
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9, and what study.optimize calls
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # databases only: heartbeats older than the grace period
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
         if worker and process_alive(worker) is False:
@@ -183,8 +190,11 @@ def open_storage(cfg: DictConfig):
     heartbeat = {
         "heartbeat_interval": int(cfg.heartbeat_interval),
         "grace_period": int(cfg.grace_period),
-        "failed_trial_callback": RETRY,
+        "heartbeat_stale_trial_callback": RETRY,
     }
+    warnings.filterwarnings(
+        "ignore", "Argument ``(heartbeat_interval|grace_period|heartbeat_stale_trial_callback)``"
+    )
     if url.startswith("sqlite"):  # workers sharing the file wait for its lock
         # Two workers started at once on a new file can both try to write its tables; the one
         # that loses finds the file made, so it opens it again.

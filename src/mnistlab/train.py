@@ -7,6 +7,7 @@ costs a second, not an epoch.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
+from hydra.utils import get_object
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -29,7 +31,15 @@ from mnistlab.files import AtomicCheckpointIO
 from mnistlab.models import count_params
 from mnistlab.module import Classifier
 from mnistlab.precision import trainer_precision
-from mnistlab.runs import RunDir, RunRecord, flat_hparams, machine, resume_checkpoint, source_commit
+from mnistlab.runs import (
+    RunDir,
+    RunRecord,
+    StoppedBeforeStart,
+    flat_hparams,
+    machine,
+    resume_checkpoint,
+    source_commit,
+)
 from mnistlab.summary import format_table
 
 log = logging.getLogger(__name__)
@@ -103,6 +113,22 @@ def compile_network(net: torch.nn.Module, device: torch.device) -> None:
     net.compile()
 
 
+def check_arguments(config: DictConfig, group: str, ignore: tuple[str, ...] = ()) -> None:
+    """Every key of an optimizer or scheduler config is an argument of its class: a misspelt one
+    (`+optimizer.lrr=0.1`) is refused now, not as a TypeError once training starts."""
+    target = get_object(config._target_)
+    parameters = inspect.signature(target).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    for key in config:
+        if not str(key).startswith("_") and key not in ignore and key not in parameters:
+            known = ", ".join(name for name in parameters if name not in ("self", "params", "optimizer"))
+            raise MnistlabError(
+                f"{group}.{key} is not an argument of {config._target_} (it takes {known}); "
+                "remove it or correct its name"
+            )
+
+
 def check_seed(seed) -> int:
     if not 0 <= as_integer(seed) < 2**32:
         raise MnistlabError(f"seed={seed!r} is not allowed; use an integer in [0, 4294967295]")
@@ -121,22 +147,23 @@ def chosen_config(cfg: DictConfig) -> str:
 
 
 @contextmanager
-def sigterm_raises(trainer: L.Trainer):
+def sigterm_raises():
     """SIGTERM raises `SIGTERMException` wherever it lands (fetching data, setting up, testing),
-    so the run records `interrupted` and temporary files are removed on the way out. Inside the
-    fit loop Lightning's own handler runs first and stops at the next batch; this one then
-    leaves it to Lightning."""
+    so a run ends with its state recorded and temporary files (a download) removed on the way out.
+    Inside the fit loop Lightning's own handler runs first and stops at the next batch; this one
+    then leaves it to Lightning. Yields the function that tells it the Trainer."""
+    trainers: list[L.Trainer] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield trainers.append
         return
 
     def handler(signum, frame):
-        if not trainer.received_sigterm:
+        if not (trainers and trainers[-1].received_sigterm):
             raise SIGTERMException
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield trainers.append
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -146,45 +173,47 @@ def train(cfg: DictConfig, run_dir: RunDir | str | Path, callbacks: list[L.Callb
     validation set), and write `metrics.json` in `run_dir`. Returns the metrics.
 
     The directory is locked for this process first (a second one is refused at once), and
-    nothing in it changes until every check has passed."""
+    nothing in it changes until every check has passed: a run refused or stopped before then
+    leaves the directory as it was."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     owner = rank_zero_only.rank == 0  # DDP: the other ranks work in rank 0's directory
-    if owner:
-        run_dir.lock()
-    try:
-        return _train(cfg, run_dir, callbacks)
-    finally:
+    with sigterm_raises() as watch:
         if owner:
-            run_dir.unlock()
+            run_dir.lock()
+        try:
+            return _train(cfg, run_dir, callbacks, watch)
+        finally:
+            if owner:
+                run_dir.unlock()
 
 
-def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback]) -> dict:
-    seed = check_seed(cfg.seed)
-    L.seed_everything(seed, workers=True, verbose=False)  # the printed config shows it
-    datamodule = instantiate(cfg.data, shuffle_seed=seed)  # the run's seed orders its batches
-    datamodule.prepare_data()  # the files are read here to learn the images' shape
-    teachers = instantiate(cfg.distill) if cfg.get("distill") else None  # conf/distill/
-    model = Classifier(
-        cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing,
-        metrics=cfg.get("metrics"), data=data_facts(datamodule), distillation=teachers,
-    )  # fmt: skip
-    epochs, batches = cfg.trainer.max_epochs, cfg.trainer.get("limit_train_batches")
-    if not as_integer(epochs) >= 1:
-        raise MnistlabError(f"trainer.max_epochs={epochs!r} is not allowed; use an integer >= 1")
-    if batches is not None and batches == 0:
-        raise MnistlabError("trainer.limit_train_batches=0 trains nothing; use a value above 0")
-    resume_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir, model.hparams, epochs)
-    precision, precision_why = trainer_precision(cfg.trainer)
-    trainer = build_trainer(cfg, callbacks, precision=precision)
+def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback], watch) -> dict:
+    try:
+        seed = check_seed(cfg.seed)
+        L.seed_everything(seed, workers=True, verbose=False)  # the printed config shows it
+        datamodule = instantiate(cfg.data, shuffle_seed=seed)  # the run's seed orders its batches
+        datamodule.prepare_data()  # the files are read here to learn the images' shape
+        teachers = instantiate(cfg.distill) if cfg.get("distill") else None  # conf/distill/
+        model = Classifier(
+            cfg.model, cfg.optimizer, cfg.scheduler, label_smoothing=cfg.label_smoothing,
+            metrics=cfg.get("metrics"), data=data_facts(datamodule), distillation=teachers,
+        )  # fmt: skip
+        epochs, batches = cfg.trainer.max_epochs, cfg.trainer.get("limit_train_batches")
+        if not as_integer(epochs) >= 1:
+            raise MnistlabError(f"trainer.max_epochs={epochs!r} is not allowed; use an integer >= 1")
+        if batches is not None and batches == 0:
+            raise MnistlabError("trainer.limit_train_batches=0 trains nothing; use a value above 0")
+        check_arguments(cfg.optimizer, "optimizer")
+        if cfg.scheduler:
+            check_arguments(cfg.scheduler, "scheduler", ignore=("interval",))
+        resume_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir, model.hparams, epochs)
+        precision, precision_why = trainer_precision(cfg.trainer)
+        trainer = build_trainer(cfg, callbacks, precision=precision)
+    except (KeyboardInterrupt, SIGTERMException) as e:  # a fetch or a check stopped: nothing recorded
+        how = "SIGTERM" if isinstance(e, SIGTERMException) else "Ctrl-C"
+        raise StoppedBeforeStart(how) from None
+    watch(trainer)
     run_dir.adopt_config()  # accepted: from here on the run directory is this run's
-    log.info("run directory: %s\n%s", run_dir.path, chosen_config(cfg))
-    log.info("precision: %s (%s)", precision, precision_why)
-    log.info("model:\n%s", format_table(model.net, model.hparams.data["input_shape"]))
-    if cfg.compile:
-        compile_network(model.net, trainer.strategy.root_device)
-        for teacher in teachers.nets if teachers else ():
-            compile_network(teacher, trainer.strategy.root_device)
-
     record = RunRecord(
         run_dir,
         seed=seed,
@@ -197,14 +226,20 @@ def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback]) -> dic
     )
     trainer.callbacks.append(record)
     try:
-        with sigterm_raises(trainer):
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path)
-            val_best = trainer.callback_metrics.get("val/acc_best")
-            monitored_first = sorted(trainer.checkpoint_callbacks, key=lambda c: c.monitor is None)
-            best = next((Path(c.best_model_path) for c in monitored_first if c.best_model_path), None)
-            best = run_dir.checkpoints / best.name if best else None  # a moved run's files moved too
-            (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
-            test |= stress_test(trainer, model, cfg.data, ckpt_path=best)
+        log.info("run directory: %s\n%s", run_dir.path, chosen_config(cfg))
+        log.info("precision: %s (%s)", precision, precision_why)
+        log.info("model:\n%s", format_table(model.net, model.hparams.data["input_shape"]))
+        if cfg.compile:
+            compile_network(model.net, trainer.strategy.root_device)
+            for teacher in teachers.nets if teachers else ():
+                compile_network(teacher, trainer.strategy.root_device)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path)
+        val_best = trainer.callback_metrics.get("val/acc_best")
+        monitored_first = sorted(trainer.checkpoint_callbacks, key=lambda c: c.monitor is None)
+        best = next((Path(c.best_model_path) for c in monitored_first if c.best_model_path), None)
+        best = run_dir.checkpoints / best.name if best else None  # a moved run's files moved too
+        (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        test |= stress_test(trainer, model, cfg.data, ckpt_path=best)
     except MnistlabError as e:
         record.end("failed", error=str(e))
         raise
