@@ -139,7 +139,7 @@ def test_a_dataset_of_the_users_own_files_trains_and_is_left_unchanged(tiny_mnis
     answer = predict(OmegaConf.create({"image": str(tmp_path / "any.png"), "ckpt_path": str(ckpt)}))
     assert set(answer) == {"class", "probabilities"} and len(answer["probabilities"]) == 3
     with pytest.raises(MnistlabError, match="was not trained on MNIST digits"):
-        networks(OmegaConf.create({"ckpt_path": str(ckpt), "models": [], "paths": {"weights": str(tmp_path)}}))
+        networks(OmegaConf.create({"ckpt_path": str(ckpt), "models": [], "paths": {"weights": "."}}))
 
 
 def test_macro_f1_and_per_class_accuracy_are_logged_for_val_and_test(tiny_mnist, tmp_path, my_dataset):
