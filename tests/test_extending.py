@@ -128,6 +128,19 @@ def test_a_dataset_of_the_users_own_files_trains_and_is_left_unchanged(tiny_mnis
     checkpoint = torch.load(tmp_path / "run" / metrics["checkpoint"], weights_only=True)
     assert checkpoint["hyper_parameters"]["data"]["input_shape"] == [1, 16, 16]
 
+    # predict.py reads any picture for it (grey, resized, normalised as the data); the demo refuses
+    from omegaconf import OmegaConf
+
+    from mnistlab import MnistlabError
+    from mnistlab.demo import networks
+
+    ckpt = tmp_path / "run" / metrics["checkpoint"]
+    Image.fromarray((torch.rand(40, 30) * 255).byte().numpy()).save(tmp_path / "any.png")
+    answer = predict(OmegaConf.create({"image": str(tmp_path / "any.png"), "ckpt_path": str(ckpt)}))
+    assert set(answer) == {"class", "probabilities"} and len(answer["probabilities"]) == 3
+    with pytest.raises(MnistlabError, match="was not trained on MNIST digits"):
+        networks(OmegaConf.create({"ckpt_path": str(ckpt), "models": [], "paths": {"weights": "."}}))
+
 
 def test_macro_f1_and_per_class_accuracy_are_logged_for_val_and_test(tiny_mnist, tmp_path, my_dataset):
     (command,) = [c for c in COMMANDS if "f1_macro" in c]

@@ -24,6 +24,7 @@ from PIL import Image
 
 from mnistlab import PROJECT_ROOT, MnistlabError
 from mnistlab.data import MEAN, STD
+from mnistlab.module import load_classifier
 from mnistlab.predict import load_network
 from mnistlab.prepare import NoDigit, load_image, mnist_style
 
@@ -36,6 +37,12 @@ def networks(cfg) -> dict[str, torch.nn.Module]:
     """The models the page offers: a checkpoint given as ckpt_path first, then every released one."""
     found = {}
     if cfg.ckpt_path:
+        data = load_classifier(cfg.ckpt_path).hparams.data
+        if not data.get("digits", True) or data.get("input_shape", [1, 28, 28]) != [1, 28, 28]:
+            raise MnistlabError(
+                f"{cfg.ckpt_path} was not trained on MNIST digits (data.digits=false); the demo page "
+                "reads drawn digits only: use predict.py image=PATH ckpt_path=... for this network"
+            )
         found[f"checkpoint {Path(cfg.ckpt_path).name}"] = load_network(cfg.ckpt_path, "", None)
     for name in cfg.models:
         weights = Path(cfg.paths.weights) / f"{name}.pt"
