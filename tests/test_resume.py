@@ -23,22 +23,18 @@ from mnistlab.train import train as train_task
 TINY = ["debug=limit", "trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.deterministic=true"]
 
 
+def train_command(tiny_mnist, run_dir, *extra) -> tuple[list[str], dict]:
+    """`python train.py` on the tiny data in `run_dir`, and its environment (tests/ importable)."""
+    paths = [str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    args = [sys.executable, "train.py", "--config-dir", str(tiny_mnist.config_dir), "data=tiny", *TINY,
+            f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
+    return args, env
+
+
 def train(tiny_mnist, run_dir, *extra) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-    }
-    args = [
-        "train.py",
-        "--config-dir",
-        str(tiny_mnist.config_dir),
-        "data=tiny",
-        *TINY,
-        f"hydra.run.dir={run_dir}",
-    ]
-    return subprocess.run(
-        [sys.executable, *args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
-    )
+    args, env = train_command(tiny_mnist, run_dir, *extra)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.slow
@@ -140,19 +136,8 @@ def test_a_run_stopped_by_sigterm_in_its_last_epoch_resumes_to_ok(compose_train,
 
 
 def start_train(tiny_mnist, run_dir, *extra, **popen) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-    }
-    args = [
-        "train.py",
-        "--config-dir",
-        str(tiny_mnist.config_dir),
-        "data=tiny",
-        *TINY,
-        f"hydra.run.dir={run_dir}",
-    ]
-    return subprocess.Popen([sys.executable, *args, *extra], cwd=ROOT, env={**env, **popen.pop("env", {})},
+    args, env = train_command(tiny_mnist, run_dir, *extra)
+    return subprocess.Popen(args, cwd=ROOT, env={**env, **popen.pop("env", {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # fmt: skip
 
 
