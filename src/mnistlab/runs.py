@@ -301,7 +301,8 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: RunDir, hparams: dict, max
     the same network, optimizer, scheduler and loss as `hparams` and to have steps left to
     run, or None to start afresh (refused in a directory that already holds a run)."""
     if not ckpt_path:
-        if run_dir.holds_run():
+        # DDP: rank 0 checks and owns the directory; the other ranks find its record there already
+        if rank_zero_only.rank == 0 and run_dir.holds_run():
             raise MnistlabError(
                 f"{run_dir.path} already holds a run; pass ckpt_path=last to resume it, "
                 "or another hydra.run.dir for a new run"
