@@ -12,6 +12,7 @@ import time
 import optuna
 import pytest
 from hydra import initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -34,12 +35,15 @@ def test_a_study_in_sqlite_continues_where_it_stopped(tiny_mnist, tmp_path, caps
         return capsys.readouterr().out
 
     search_in("first", 2)
+    assert HydraConfig.get().runtime.output_dir == str(tmp_path / "first")  # trials leave it alone
     trial_dirs = sorted((tmp_path / "first").glob("trial_*"))
     assert [d.name for d in trial_dirs] == ["trial_000", "trial_001"]
-    for trial_dir in trial_dirs:
+    for trial_dir in trial_dirs:  # each trial's checkpoints, logs and config in its own folder
         metrics = json.loads((trial_dir / "metrics.json").read_text())
-        assert metrics["status"] == "ok" and (trial_dir / ".hydra" / "config.yaml").is_file()
+        assert metrics["status"] == "ok" and (trial_dir / metrics["checkpoint"]).is_file()
+        assert OmegaConf.load(trial_dir / ".hydra" / "config.yaml").paths.run_dir == str(trial_dir)
         assert any((trial_dir / "tensorboard").glob("events.out.tfevents.*"))
+        assert (trial_dir / "csv" / "metrics.csv").is_file()
 
     out = search_in("second", 3)  # the study's total is now 3: one more trial, numbered on from 2
     assert [d.name for d in (tmp_path / "second").glob("trial_*")] == ["trial_002"]

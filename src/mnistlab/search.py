@@ -26,7 +26,7 @@ import optuna
 import sqlalchemy.exc
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -251,7 +251,7 @@ def search(cfg: DictConfig) -> optuna.Study:
             shape = {name: suggest(trial, f"shape.{name}", spec) for name, spec in space.shape.items()}
             sampled.append(layers_override(shape))
         trial_dir = RunDir(study_dir.path / f"trial_{trial.number:03d}")
-        trial_cfg = compose("train", overrides=[*base, *sampled], return_hydra_config=True)
+        trial_cfg = compose("train", overrides=[*base, *sampled])
         if space.get("max_params"):  # over budget: refused before anything trains
             params = count_params(instantiate(trial_cfg.model))
             trial.set_user_attr("params", params)
@@ -264,11 +264,7 @@ def search(cfg: DictConfig) -> optuna.Study:
                     space.max_params,
                 )
                 raise optuna.TrialPruned()
-        with open_dict(trial_cfg):
-            trial_cfg.hydra.runtime.output_dir = str(trial_dir.path)
-        HydraConfig.instance().set_config(trial_cfg)
-        with open_dict(trial_cfg):
-            del trial_cfg["hydra"]  # as a Hydra app's task sees it; ${hydra:...} reads HydraConfig
+        trial_cfg.paths.run_dir = str(trial_dir.path)  # its checkpoints and logs go there
         trial_dir.save_config(trial_cfg, [*base, *sampled])
         reporter = ReportToTrial(trial)
         metrics = train(trial_cfg, trial_dir, callbacks=[reporter])

@@ -24,7 +24,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnistlab import MnistlabError, as_integer, instantiate, lightning_trainer_defaults
 from mnistlab.files import AtomicCheckpointIO
@@ -176,6 +176,8 @@ def train(cfg: DictConfig, run_dir: RunDir | str | Path, callbacks: list[L.Callb
     nothing in it changes until every check has passed: a run refused or stopped before then
     leaves the directory as it was."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    with open_dict(cfg):  # checkpoints and loggers write to ${paths.run_dir}: this directory
+        cfg.setdefault("paths", {})["run_dir"] = str(run_dir.path)
     owner = rank_zero_only.rank == 0  # DDP: the other ranks work in rank 0's directory
     with sigterm_raises() as watch:
         if owner:
