@@ -19,32 +19,37 @@ AMX = AVX512_BF16 | {"amx_tile", "amx_bf16", "amx_int8"}  # Intel Sapphire Rapid
 
 
 @pytest.mark.parametrize(
-    "device, flags, cuda_bf16, expected",
+    "device, flags, cuda_bf16, compiled, expected",
     [
-        ("cpu", AMX, False, FP32),  # faster in bf16, but parity with the fp32 recipes unmeasured
-        ("cpu", AVX512_BF16, False, FP32),  # no matrix unit: bf16 measured slower than fp32
-        ("cpu", AVX2, False, FP32),
-        ("cpu", set(), False, FP32),
-        ("cuda", set(), True, BF16),
-        ("cuda", set(), False, FP32),  # a GPU before Ampere
-        ("mps", AMX, True, FP32),
+        ("cpu", AMX, False, True, BF16),
+        ("cpu", AVX512_BF16, False, True, BF16),  # Zen 4: compiled bf16 measured faster than fp32
+        ("cpu", AMX, False, False, FP32),  # uncompiled bf16: measured slower on Zen 4
+        ("cpu", AVX512_BF16, False, False, FP32),
+        ("cpu", AVX2, False, True, FP32),  # bf16 emulated: several times slower
+        ("cpu", set(), False, True, FP32),
+        ("cuda", set(), True, False, BF16),
+        ("cuda", set(), False, True, FP32),  # a GPU before Ampere
+        ("mps", AMX, True, True, FP32),
     ],
-    ids=["amx", "avx512_bf16-only", "avx2-only", "no-flags", "cuda-bf16", "cuda-old", "mps"],
-)
-def test_precision_chosen_from_the_given_facts(device, flags, cuda_bf16, expected):
-    precision, why = choose_precision(device, flags, cuda_bf16)
+    ids=["amx", "avx512_bf16", "amx-uncompiled", "avx512_bf16-uncompiled", "avx2", "no-flags",
+         "cuda-bf16", "cuda-old", "mps"],
+)  # fmt: skip
+def test_precision_chosen_from_the_given_facts(device, flags, cuda_bf16, compiled, expected):
+    precision, why = choose_precision(device, flags, cuda_bf16, compiled)
     assert precision == expected and why
 
 
-def test_auto_on_this_cpu_follows_its_real_flags():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_auto_on_this_cpu_follows_its_real_flags(compiled):
     flags = cpu_flags()  # this machine's /proc/cpuinfo, read as the training run reads it
-    precision, why = trainer_precision({"precision": "auto", "accelerator": "cpu"})
-    assert (precision, why) == (
-        choose_precision("cpu", flags, False)[0],
-        "trainer.precision=auto on cpu: " + choose_precision("cpu", flags, False)[1],
-    )
+    expected, why = choose_precision("cpu", flags, False, compiled)
+    assert trainer_precision({"precision": "auto", "accelerator": "cpu"}, compiled) == (
+        expected, "trainer.precision=auto on cpu: " + why
+    )  # fmt: skip
+    native = bool(flags & {"amx_bf16", "avx512_bf16"})
+    assert expected == (BF16 if native and compiled else FP32)
     if not torch.cuda.is_available():
-        assert trainer_precision({"precision": "auto", "accelerator": "auto"})[0] == precision
+        assert trainer_precision({"precision": "auto", "accelerator": "auto"}, compiled)[0] == expected
 
 
 @pytest.mark.skipif(not CPUINFO.is_file(), reason="no /proc/cpuinfo")
@@ -62,8 +67,8 @@ def test_an_explicit_precision_wins(given):
 
 def test_a_run_says_which_precision_it_chose_and_why(compose_train, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="mnistlab")
-    train(compose_train("debug=fdr"), tmp_path)  # no precision override: `auto`
-    expected, why = trainer_precision({"precision": "auto", "accelerator": "auto"})
+    train(compose_train("debug=fdr"), tmp_path)  # no precision override: `auto`, uncompiled
+    expected, why = trainer_precision({"precision": "auto", "accelerator": "auto"}, compiled=False)
     recorded = json.loads((tmp_path / "metrics.json").read_text())
     assert (recorded["precision"], recorded["precision_why"]) == (expected, why)
     assert f"precision: {expected} ({why})" in caplog.text

@@ -20,6 +20,7 @@ from mnistlab.data import IDXDataModule
 from mnistlab.evaluate import evaluate
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.module import Classifier, load_classifier
+from mnistlab.precision import choose_precision, cpu_flags
 from mnistlab.report import report
 from mnistlab.runs import RunDir, resume_checkpoint
 from mnistlab.train import build_trainer, train
@@ -347,9 +348,15 @@ def test_label_smoothing_shapes_the_training_loss_only(compose_train):
 @pytest.mark.slow  # torch.compile alone takes ~20 s here
 def test_a_compiled_network_trains_and_saves_plain_weights(compose_train, tmp_path):
     """`compile=true` compiles the network in place: checkpoints keep the plain layer names,
-    so they load into an uncompiled network (predict.py, export.py, released weights)."""
-    metrics = train(compose_train("debug=limit", "compile=true"), tmp_path)
+    so they load into an uncompiled network (predict.py, export.py, released weights). With no
+    precision given, it trains in what this CPU's real flags choose for a compiled network
+    (bf16-mixed with AMX or AVX-512-BF16) and says so."""
+    metrics = train(compose_train("debug=limit", "compile=true", "trainer.accelerator=cpu"), tmp_path)
     assert metrics["status"] == "ok"
+    recorded = json.loads((tmp_path / "metrics.json").read_text())
+    expected, why = choose_precision("cpu", cpu_flags(), cuda_bf16=False, compiled=True)
+    assert recorded["precision"] == expected
+    assert recorded["precision_why"] == f"trainer.precision=auto on cpu: {why}"
     state = torch.load(tmp_path / metrics["checkpoint"], weights_only=True)["state_dict"]
     assert "net.0.weight" in state and not any("_orig_mod" in k for k in state)
     plain_module = load_classifier(tmp_path / metrics["checkpoint"])

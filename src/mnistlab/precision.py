@@ -1,10 +1,8 @@
-"""`trainer.precision=auto`: bf16-mixed where the hardware computes bf16 natively and fast and the
-recipes' accuracy in bf16 is known to match fp32, fp32 elsewhere, and a sentence saying why, for
-the console and `metrics.json`.
+"""`trainer.precision=auto`: bf16-mixed where the hardware computes bf16 natively and it is
+faster, fp32 elsewhere, and a sentence saying why, for the console and `metrics.json`.
 
-AMX Xeons train the default network about 1.8x faster in bf16 autocast (`make bench`), but the
-recipes' seeds in bf16 have not been compared with their fp32 figures yet, so `auto` keeps fp32
-there and says so; `trainer.precision=bf16-mixed` opts in.
+The recipes' accuracy in bf16-mixed matches fp32 within the seed spread (docs/speed.md has the
+seeds); `trainer.precision=32-true` gives fp32 anywhere.
 """
 
 from __future__ import annotations
@@ -16,14 +14,16 @@ import torch
 BF16, FP32 = "bf16-mixed", "32-true"
 
 
-def choose_precision(device_type: str, cpu_flags: set[str], cuda_bf16: bool) -> tuple[str, str]:
+def choose_precision(
+    device_type: str, cpu_flags: set[str], cuda_bf16: bool, compiled: bool = False
+) -> tuple[str, str]:
     """The precision for these facts and why: (Lightning precision, reason).
 
     - cuda: bf16-mixed when the GPU supports bf16 (Ampere and later), else fp32;
-    - cpu: fp32. With AMX tiles (`amx_bf16`) bf16 is faster, but its accuracy parity with the
-      fp32 recipes is not measured. AVX-512-BF16 alone (AMD Zen 4) has bf16 dot products but no
-      matrix unit: there bf16 autocast measured 1.4-1.6x faster compiled but 2-2.7x slower
-      eager at 2 threads for gap_cnn. AVX2 only emulates bf16;
+    - cpu with bf16 dot products (AMX tiles, or AVX-512-BF16 as on AMD Zen 4): bf16-mixed when
+      the network is compiled (the default); uncompiled (`compile=false`, the debug modes) fp32,
+      as bf16 autocast measured slower than fp32 there on Zen 4 (`make bench`, row (b*));
+    - cpu without them (AVX2 only): fp32, as bf16 is emulated there, several times slower;
     - anything else (mps, ...): fp32.
     """
     if device_type == "cuda":
@@ -31,14 +31,15 @@ def choose_precision(device_type: str, cpu_flags: set[str], cuda_bf16: bool) -> 
             return BF16, "the GPU computes bf16 natively"
         return FP32, "the GPU has no native bf16"
     if device_type == "cpu":
-        if "amx_bf16" in cpu_flags:
+        units = "AMX" if "amx_bf16" in cpu_flags else "AVX-512-BF16" if "avx512_bf16" in cpu_flags else None
+        if units is None:
+            return FP32, "the CPU has no native bf16 (no AMX, no AVX-512-BF16)"
+        if not compiled:
             return FP32, (
-                "the CPU has AMX bf16 units, but the recipes' accuracy in bf16 is not yet measured "
-                "against fp32; trainer.precision=bf16-mixed opts in"
+                f"the CPU computes bf16 ({units}), but uncompiled bf16 is slower than fp32; "
+                "compile=true trains in bf16"
             )
-        if "avx512_bf16" in cpu_flags:
-            return FP32, "the CPU has AVX-512-BF16 but no AMX, where bf16 is not reliably faster"
-        return FP32, "the CPU has no native bf16 (no AMX, no AVX-512-BF16)"
+        return BF16, f"the CPU computes bf16 natively ({units}) and the network is compiled"
     return FP32, f"bf16 is not chosen automatically on {device_type}"
 
 
@@ -62,8 +63,9 @@ def device_type(accelerator: str) -> str:
     return "cpu" if accelerator == "auto" else accelerator
 
 
-def trainer_precision(trainer_cfg) -> tuple[str, str]:
-    """The precision a Trainer config asks for, `auto` resolved on this machine, and why."""
+def trainer_precision(trainer_cfg, compiled: bool = False) -> tuple[str, str]:
+    """The precision a Trainer config asks for, `auto` resolved on this machine for a network
+    that is (or is not) compiled, and why."""
     requested = trainer_cfg.get("precision")
     if requested is None:
         return FP32, "Lightning's default"
@@ -72,5 +74,6 @@ def trainer_precision(trainer_cfg) -> tuple[str, str]:
     kind = device_type(trainer_cfg.get("accelerator", "auto"))
     # without a GPU, a gpu accelerator fails in the Trainer, which names the fix
     cuda_bf16 = kind == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    precision, why = choose_precision(kind, cpu_flags() if kind == "cpu" else set(), cuda_bf16)
+    flags = cpu_flags() if kind == "cpu" else set()
+    precision, why = choose_precision(kind, flags, cuda_bf16, compiled)
     return precision, f"trainer.precision=auto on {kind}: {why}"

@@ -50,7 +50,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = (), **overrides
     resolved for this machine, and no live progress bar where nobody watches one (a pipe, a
     file, CI)."""
     if "precision" not in overrides:
-        overrides["precision"], why = trainer_precision(cfg.trainer)
+        overrides["precision"], why = trainer_precision(cfg.trainer, compiled=will_compile(cfg))
         log.info("precision: %s (%s)", overrides["precision"], why)
     callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c), *callbacks]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
@@ -105,9 +105,19 @@ def data_facts(datamodule) -> dict:
     }
 
 
+def has_cxx_compiler() -> bool:
+    """torch.compile on the CPU writes C++: without a compiler the network trains uncompiled."""
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def will_compile(cfg: DictConfig) -> bool:
+    """Whether this run's network will be compiled (`precision=auto` on a CPU depends on it)."""
+    return bool(cfg.get("compile")) and (torch.cuda.is_available() or has_cxx_compiler())
+
+
 def compile_network(net: torch.nn.Module, device: torch.device) -> None:
     """torch.compile the network in place (its state_dict keeps plain names), where it can be."""
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if device.type == "cpu" and not has_cxx_compiler():
         log.info("compile: no C++ compiler found, training the network uncompiled")
         return
     net.compile()
@@ -209,7 +219,7 @@ def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback], watch)
         if cfg.scheduler:
             check_arguments(cfg.scheduler, "scheduler", ignore=("interval",))
         resume_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir, model.hparams, epochs)
-        precision, precision_why = trainer_precision(cfg.trainer)
+        precision, precision_why = trainer_precision(cfg.trainer, compiled=will_compile(cfg))
         trainer = build_trainer(cfg, callbacks, precision=precision)
     except (KeyboardInterrupt, SIGTERMException) as e:  # a fetch or a check stopped: nothing recorded
         how = "SIGTERM" if isinstance(e, SIGTERMException) else "Ctrl-C"
