@@ -22,7 +22,8 @@ def choose_precision(
     - cuda: bf16-mixed when the GPU supports bf16 (Ampere and later), else fp32;
     - cpu with bf16 dot products (AMX tiles, or AVX-512-BF16 as on AMD Zen 4): bf16-mixed when
       the network is compiled (the default); uncompiled (`compile=false`, the debug modes) fp32,
-      as bf16 autocast measured slower than fp32 there on Zen 4 (`make bench`, row (b*));
+      as there bf16 autocast gained only 5% on Zen 4 (`make bench`, row (b*)): not worth
+      changing the arithmetic of the quick checks;
     - cpu without them (AVX2 only): fp32, as bf16 is emulated there, several times slower;
     - anything else (mps, ...): fp32.
     """
@@ -36,7 +37,7 @@ def choose_precision(
             return FP32, "the CPU has no native bf16 (no AMX, no AVX-512-BF16)"
         if not compiled:
             return FP32, (
-                f"the CPU computes bf16 ({units}), but uncompiled bf16 is slower than fp32; "
+                f"the CPU computes bf16 ({units}), but bf16 pays only for a compiled network; "
                 "compile=true trains in bf16"
             )
         return BF16, f"the CPU computes bf16 natively ({units}) and the network is compiled"
