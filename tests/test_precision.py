@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mnistlab.evaluate import evaluate
 from mnistlab.precision import BF16, FP32, choose_precision, cpu_flags, trainer_precision
 from mnistlab.train import train
 
@@ -88,3 +89,24 @@ def test_an_explicit_precision_is_recorded_as_given(compose_train, tmp_path):
     recorded = json.loads((tmp_path / "metrics.json").read_text())
     assert recorded["precision"] == "bf16-mixed"
     assert recorded["precision_why"] == "trainer.precision=bf16-mixed was given"
+
+
+def test_a_resumed_run_and_a_retested_checkpoint_keep_the_precision_the_run_trained_in(
+    compose_train, tmp_path, caplog
+):
+    """`auto` would pick fp32 for these uncompiled runs; the run trained in bf16-mixed, so its
+    resumed epochs and its figures tested again stay in bf16-mixed (and say why)."""
+    caplog.set_level(logging.INFO, logger="mnistlab")
+    train(compose_train("debug=limit", "trainer.precision=bf16-mixed"), tmp_path)
+    assert trainer_precision({"precision": "auto", "accelerator": "cpu"}, compiled=False)[0] == FP32
+    resumed = train(compose_train("debug=limit", "trainer.max_epochs=3", "ckpt_path=last"), tmp_path)
+    assert resumed["status"] == "ok" and resumed["epochs"] == 3
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    why = "trainer.precision=auto: the run trained in bf16-mixed"
+    assert (record["precision"], record["precision_why"]) == (BF16, why)
+    caplog.clear()
+    evaluate(compose_train(f"ckpt_path={tmp_path / record['checkpoint']}", config_name="eval"))
+    assert f"precision: bf16-mixed ({why})" in caplog.text
+    evaluate(compose_train(f"ckpt_path={tmp_path / record['checkpoint']}", "trainer.precision=32-true",
+                           config_name="eval"))  # fmt: skip
+    assert "precision: 32-true (trainer.precision=32-true was given)" in caplog.text

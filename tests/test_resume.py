@@ -252,6 +252,7 @@ def test_ddp_on_two_processes_agrees_with_one_process_on_real_mnist(tmp_path):
     common = [
         "data.train_size=20000", "data.val_size=5000", "trainer.max_epochs=1", "optimizer.lr=0.01",
         "scheduler=none", "trainer.enable_progress_bar=false", f"data.data_dir={ROOT / 'data'}",
+        "trainer.precision=32-true",  # the figures below are fp32's, whatever `auto` picks here
     ]  # fmt: skip
 
     def run(name, *extra):

@@ -5,6 +5,7 @@ test-time augmentation (`test/acc_tta`, beside the plain `test/acc`)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -15,7 +16,9 @@ from mnistlab.augment import tta_views
 from mnistlab.data import IDXDataModule, standardize, to_unit
 from mnistlab.module import load_classifier
 from mnistlab.runs import RunDir
-from mnistlab.train import build_trainer, stress_test
+from mnistlab.train import build_trainer, run_precision, stress_test
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -43,7 +46,16 @@ def evaluate(cfg: DictConfig) -> dict:
             f"{cfg.ckpt_path} predicts {model.hparams.num_classes} classes and the data has "
             f"{cfg.data.num_classes}; pass the data= the checkpoint was trained on"
         )
-    trainer = build_trainer(cfg, enable_checkpointing=False)  # eval.yaml has no callbacks or loggers
+    checkpoint = Path(cfg.ckpt_path).resolve()
+    run_dir = RunDir(checkpoint.parent.parent)  # <run>/checkpoints/<file>
+    try:
+        run = run_dir.read_metrics()
+    except MnistlabError:  # the checkpoint is what is tested; a damaged record beside it is not
+        run = {}
+    precision, why = run_precision(cfg, run.get("precision"))  # its run's, so figures match
+    log.info("precision: %s (%s)", precision, why)
+    # eval.yaml has no callbacks or loggers
+    trainer = build_trainer(cfg, enable_checkpointing=False, precision=precision)
     datamodule = instantiate(cfg.data)
     (metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
     if cfg.get("tta"):
@@ -51,8 +63,6 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.stress:
         metrics |= stress_test(trainer, model, cfg.data)
     if cfg.stress or cfg.get("tta"):
-        checkpoint = Path(cfg.ckpt_path).resolve()
-        run_dir = RunDir(checkpoint.parents[1])  # <run>/checkpoints/<file>
         run = run_dir.read_metrics()
         if run.get("checkpoint") and run_dir.path / run["checkpoint"] == checkpoint:
             # the checkpoint its run was tested on: the run's record gains the new figures

@@ -24,13 +24,13 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from mnistlab import MnistlabError, as_integer, instantiate, lightning_trainer_defaults
 from mnistlab.files import AtomicCheckpointIO
 from mnistlab.models import count_params
 from mnistlab.module import Classifier
-from mnistlab.precision import trainer_precision
+from mnistlab.precision import device_type, trainer_precision
 from mnistlab.runs import (
     RunDir,
     RunRecord,
@@ -112,7 +112,17 @@ def has_cxx_compiler() -> bool:
 
 def will_compile(cfg: DictConfig) -> bool:
     """Whether this run's network will be compiled (`precision=auto` on a CPU depends on it)."""
-    return bool(cfg.get("compile")) and (torch.cuda.is_available() or has_cxx_compiler())
+    on_cpu = device_type(cfg.trainer.get("accelerator", "auto")) == "cpu"
+    return bool(cfg.get("compile")) and (not on_cpu or has_cxx_compiler())
+
+
+def run_precision(cfg: DictConfig, recorded: str | None) -> tuple[str, str]:
+    """The precision to train or test in, and why: `auto` resolved for this machine, except for
+    a run that already trained in one (a resumed run, its checkpoint tested again), which keeps
+    it, so that its epochs and figures come from one arithmetic."""
+    if recorded and str(cfg.trainer.get("precision")) == "auto":
+        return recorded, f"trainer.precision=auto: the run trained in {recorded}"
+    return trainer_precision(cfg.trainer, compiled=will_compile(cfg))
 
 
 def compile_network(net: torch.nn.Module, device: torch.device) -> None:
@@ -186,8 +196,8 @@ def train(cfg: DictConfig, run_dir: RunDir | str | Path, callbacks: list[L.Callb
     nothing in it changes until every check has passed: a run refused or stopped before then
     leaves the directory as it was."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    with open_dict(cfg):  # checkpoints and loggers write to ${paths.run_dir}: this directory
-        cfg.setdefault("paths", {})["run_dir"] = str(run_dir.path)
+    # checkpoints and loggers write to ${paths.run_dir}: this directory
+    OmegaConf.update(cfg, "paths.run_dir", str(run_dir.path), force_add=True)
     owner = rank_zero_only.rank == 0  # DDP: the other ranks work in rank 0's directory
     with sigterm_raises() as watch:
         if owner:
@@ -219,7 +229,8 @@ def _train(cfg: DictConfig, run_dir: RunDir, callbacks: list[L.Callback], watch)
         if cfg.scheduler:
             check_arguments(cfg.scheduler, "scheduler", ignore=("interval",))
         resume_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir, model.hparams, epochs)
-        precision, precision_why = trainer_precision(cfg.trainer, compiled=will_compile(cfg))
+        recorded = run_dir.read_metrics().get("precision") if resume_path else None
+        precision, precision_why = run_precision(cfg, recorded)
         trainer = build_trainer(cfg, callbacks, precision=precision)
     except (KeyboardInterrupt, SIGTERMException) as e:  # a fetch or a check stopped: nothing recorded
         how = "SIGTERM" if isinstance(e, SIGTERMException) else "Ctrl-C"
