@@ -5,7 +5,6 @@ test-time augmentation (`test/acc_tta`, beside the plain `test/acc`)."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -16,9 +15,7 @@ from mnistlab.augment import tta_views
 from mnistlab.data import IDXDataModule, standardize, to_unit
 from mnistlab.module import load_classifier
 from mnistlab.runs import RunDir
-from mnistlab.train import build_trainer, run_precision, stress_test
-
-log = logging.getLogger(__name__)
+from mnistlab.train import build_trainer, stress_test
 
 
 @torch.no_grad()
@@ -52,10 +49,8 @@ def evaluate(cfg: DictConfig) -> dict:
         run = run_dir.read_metrics()
     except MnistlabError:  # the checkpoint is what is tested; a damaged record beside it is not
         run = {}
-    precision, why = run_precision(cfg, run.get("precision"))  # its run's, so figures match
-    log.info("precision: %s (%s)", precision, why)
-    # eval.yaml has no callbacks or loggers
-    trainer = build_trainer(cfg, enable_checkpointing=False, precision=precision)
+    # in its run's precision, so the figures it adds match; eval.yaml has no callbacks or loggers
+    trainer = build_trainer(cfg, recorded_precision=run.get("precision"), enable_checkpointing=False)
     datamodule = instantiate(cfg.data)
     (metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
     if cfg.get("tta"):

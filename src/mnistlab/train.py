@@ -45,12 +45,14 @@ from mnistlab.summary import format_table
 log = logging.getLogger(__name__)
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] = (), **overrides) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, callbacks: list[L.Callback] = (), recorded_precision: str | None = None, **overrides
+) -> L.Trainer:
     """The configured Trainer, with checkpoints written atomically, `trainer.precision=auto`
-    resolved for this machine, and no live progress bar where nobody watches one (a pipe, a
-    file, CI)."""
+    resolved for this machine (or kept as `recorded_precision`, a run's own: `run_precision`),
+    and no live progress bar where nobody watches one (a pipe, a file, CI)."""
     if "precision" not in overrides:
-        overrides["precision"], why = trainer_precision(cfg.trainer, compiled=will_compile(cfg))
+        overrides["precision"], why = run_precision(cfg, recorded_precision)
         log.info("precision: %s (%s)", overrides["precision"], why)
     callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c), *callbacks]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
