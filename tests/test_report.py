@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from mnistlab import MnistlabError
-from mnistlab.report import Run, build_report, find_runs, plot_pareto, report
+from mnistlab.report import (
+    Run,
+    build_report,
+    find_runs,
+    label_column,
+    plot_label,
+    plot_pareto,
+    released_points,
+    report,
+)
 from mnistlab.runs import HOST
 
 
@@ -120,14 +129,57 @@ def test_the_pareto_plot_has_one_point_per_recipe_with_mean_std_and_params(tmp_p
     changed = run(1, 0.9900, 0.9880)  # a preset with one setting changed is its own point, named so
     changed.overrides.append("data.augment=none")
     changed.config["data"] = {**changed.config["data"], "augment": "none"}
-    points = plot_pareto([*small, *big, changed], tmp_path / "pareto.png")
+    published = [{"label": "LeNet-5", "params": 60000, "acc": 99.05, "how": "one run"}]
+    released = [("released gap_cnn", 19348, 99.53, 0.066, 5)]
+    points = plot_pareto([*small, *big, changed], tmp_path / "pareto.png", released, published)
     by_label = {label: (params, round(mean, 3), round(std, 3), n) for label, params, mean, std, n in points}
     assert by_label == {
         "micro": (982, 98.5, 0.2, 3),
         "ex17": (19348, 99.45, 0.071, 2),
-        "ex17 data.augment=none": (19348, 99.0, 0.0, 1),
+        "ex17 augment=none": (19348, 99.0, 0.0, 1),
+        "released gap_cnn": (19348, 99.53, 0.066, 5),
+        "LeNet-5: one run": (60000, 99.05, 0.0, 1),
     }
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_released_points_come_from_the_release_records(tmp_path):
+    record = {"params": 7316, "all_seeds": {"n": 3, "test/acc mean": 0.99397, "test/acc std": 0.0006}}
+    (tmp_path / "tiny_cnn.json").write_text(json.dumps(record))
+    (tmp_path / "notes.json").write_text(json.dumps({"what": "not a release"}))
+    ((name, params, mean, std, n),) = released_points(tmp_path)
+    assert (name, params, round(mean, 3), round(std, 2), n) == ("released tiny_cnn", 7316, 99.397, 0.06, 3)
+
+
+def test_a_plot_names_a_teacher_by_its_run_and_settings_by_their_last_key():
+    teachers = "distill.teachers=[logs/t1/checkpoints/best.ckpt,weights/gap_cnn.pt]"
+    label = f"tiny data.val_size=10000 distill=gap_cnn {teachers}"
+    assert plot_label(label) == "tiny val_size=10000 distill=gap_cnn teachers=t1,gap_cnn"
+
+
+def test_names_of_points_close_together_do_not_overlap():
+    """Eight recipes within 0.04 points of each other: their names form a column, one line each,
+    every name joined to its own point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    points = [(f"recipe {i} with a long name that goes on", 7316 + i, 99.40 + 0.005 * i) for i in range(8)]
+    ax.plot([p[1] for p in points], [p[2] for p in points], "o")
+    ax.set_ylim(98.0, 99.6)
+    fig.subplots_adjust(right=0.5)
+    labels = label_column(ax, points)
+    fig.canvas.draw()  # places the names
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(label, renderer) for label in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert [label.xy for label in labels] == [(p[1], p[2]) for p in points]
+    heights = [box.y0 for box in boxes]
+    assert heights == sorted(heights)  # the column keeps the points' order
+    plt.close(fig)
 
 
 def test_runs_group_by_their_teacher_and_the_precision_they_trained_in():

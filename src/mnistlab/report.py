@@ -279,47 +279,115 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pareto(runs: list[Run], path: Path) -> list[tuple[str, int, float, float, int]]:
-    """Test accuracy (mean ± std over seeds) against parameter count, one point per recipe, the
-    presets labelled; returns the points as (label, params, mean %, std %, seeds)."""
+def released_points(weights: Path) -> list[tuple[str, int, float, float, int]]:
+    """One point per released network (`weights/*.json`): its seeds' test/acc mean ± std."""
+    points = []
+    for path in sorted(Path(weights).glob("*.json")):
+        record = json.loads(path.read_text())
+        seeds = record.get("all_seeds") or {}
+        if "test/acc mean" not in seeds or "params" not in record:
+            continue
+        mean, std = 100 * seeds["test/acc mean"], 100 * (seeds.get("test/acc std") or 0.0)
+        points.append((f"released {path.stem}", record["params"], mean, std, seeds["n"]))
+    return points
+
+
+def label_column(ax, labels: list[tuple[str, float, float]], fontsize: float = 7) -> list:
+    """Names the points in a column right of the axes, in the order of their heights, each joined
+    to its point by a thin line: close points keep names that never overlap, however long."""
+    to_axes = ax.transData + ax.transAxes.inverted()
+    gap = fontsize * 1.45 / 72 * ax.figure.dpi / ax.get_window_extent().height  # a line, in axes heights
+    order = sorted(range(len(labels)), key=lambda i: -to_axes.transform(labels[i][1:])[1])
+    heights, below = {}, float("inf")
+    for i in order:
+        below = heights[i] = min(to_axes.transform(labels[i][1:])[1], below - gap)
+    lift = max(0.0, -below)  # a column running past the bottom moves up as a whole
+    line = {"arrowstyle": "-", "color": "0.65", "lw": 0.5, "shrinkA": 1, "shrinkB": 3}
+    return [
+        ax.annotate(text, (x, y), xytext=(1.02, heights[i] + lift), textcoords="axes fraction", va="center",
+                    fontsize=fontsize, arrowprops=line, annotation_clip=False)
+        for i, (text, x, y) in enumerate(labels)
+    ]  # fmt: skip
+
+
+def plot_label(label: str) -> str:
+    """A recipe's name for a plot, short: each setting by its last key (`temperature=2`, not
+    `distill.temperature=2`; report.md has them whole), a teacher checkpoint by its run's folder."""
+
+    def teacher(path: str) -> str:
+        path = Path(path.strip())
+        return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+
+    words = []
+    for word in label.split(" "):
+        key, _, value = word.partition("=")
+        if key == "distill.teachers" and value.startswith("["):
+            value = ",".join(teacher(p) for p in value.strip("[]").split(","))
+        words.append(f"{key.rsplit('.', 1)[-1]}={value}" if value else word)
+    return " ".join(words)
+
+
+def plot_pareto(
+    runs: list[Run], path: Path, released: list[tuple] = (), published: list[dict] = ()
+) -> list[tuple[str, int, float, float, int]]:
+    """Test accuracy (mean ± std over seeds) against parameter count: one point per recipe
+    (distilled recipes in their own colour, single runs hollow), the released networks, and
+    published results as crosses; returns the points as (label, params, mean %, std %, seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = []
+    points, styles = [], []
     for group in recipes(runs):
         tests = [100 * r.metrics["test/acc"] for r in group]
         std = statistics.stdev(tests) if len(tests) > 1 else 0.0
-        points.append(
-            (
-                short_name(group),
-                group[0].metrics.get("params", 0),
-                statistics.mean(tests),
-                std,
-                len(tests),
-            )
-        )
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for label, params, mean, std, n in points:
-        ax.errorbar(params, mean, yerr=std, fmt="o", capsize=3, color="C0" if n > 1 else "C7")
-        ax.annotate(f"{label} (n={n})", (params, mean), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        params = group[0].metrics.get("params", 0)
+        points.append((plot_label(short_name(group)), params, statistics.mean(tests), std, len(tests)))
+        styles.append(("o", "C1" if group[0].metrics.get("teacher") else "C0"))
+    points += released
+    styles += [("s", "C2")] * len(released)
+    for ref in published:
+        points.append((f"{ref['label']}: {ref['how']}", int(ref["params"]), float(ref["acc"]), 0.0, 1))
+        styles.append(("x", "k"))
+
+    fig, ax = plt.subplots(figsize=(13, 6))
+    fig.subplots_adjust(left=0.06, right=0.42, bottom=0.1, top=0.93)  # the names go on the right
+    for (_, params, mean, std, n), (marker, color) in zip(points, styles, strict=True):
+        face = color if n > 1 or marker == "x" else "none"  # a single run: a hollow marker
+        ax.errorbar(params, mean, yerr=std, fmt=marker, capsize=3, color=color, markerfacecolor=face)
     ax.set_xscale("log")
-    if points:  # room on the right for the largest network's label
-        ax.set_xlim(min(p[1] for p in points) / 1.5, max(p[1] for p in points) * 4)
+    if points:
+        ax.set_xlim(min(p[1] for p in points) / 1.5, max(p[1] for p in points) * 1.5)
+    handles = [
+        plt.Line2D([], [], marker=m, color=c, markerfacecolor=f, linestyle="none", label=name)
+        for m, c, f, name in (
+            ("o", "C0", "C0", "recipe, mean ± std over seeds"), ("o", "C1", "C1", "distilled recipe"),
+            ("o", "C0", "none", "one run"), ("s", "C2", "C2", "released weights, over their seeds"),
+            ("x", "k", "k", "published, one run"),
+        )
+    ]  # fmt: skip
+    ax.legend(handles=handles, fontsize=7, loc="best")
     ax.set(xlabel="parameters (log scale)", ylabel="test/acc % (mean ± std over seeds)",
-           title="Accuracy per parameter: every recipe with finished runs")  # fmt: skip
+           title="Accuracy per parameter")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    label_column(
+        ax,
+        [
+            (label if marker == "x" else f"{label} (n={n})", params, mean)
+            for (label, params, mean, _, n), (marker, _) in zip(points, styles, strict=True)
+        ],
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return points
 
 
-def report(logs: str | Path) -> list[Run]:
+def report(logs: str | Path, weights: str | Path | None = None, published: list[dict] = ()) -> list[Run]:
     """`report.md`, `report.png` and `pareto.png` in `logs` from every run under it (its
-    `debug/` folder left out: checks, not results); a run whose records cannot be read is named
-    and skipped. Returns the runs it read."""
+    `debug/` folder left out: checks, not results), the pareto plot also showing the networks
+    released in `weights` and the `published` results; a run whose records cannot be read is
+    named and skipped. Returns the runs it read."""
     logs = Path(logs)
     found = find_runs(logs)
     for why in found.unreadable:
@@ -327,7 +395,8 @@ def report(logs: str | Path) -> list[Run]:
     runs = [r for r in found if r.path.relative_to(logs).parts[0] != "debug"]
     (logs / "report.md").write_text(build_report(runs))
     plot_curves(runs, logs / "report.png")
-    plot_pareto(runs, logs / "pareto.png")
+    released = released_points(Path(weights)) if weights else []
+    plot_pareto(runs, logs / "pareto.png", released, published)
     print(f"{len(runs)} runs -> {logs / 'report.md'}, {logs / 'report.png'}, {logs / 'pareto.png'}")
     return runs
 
@@ -335,7 +404,7 @@ def report(logs: str | Path) -> list[Run]:
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="report")
 @one_line_errors
 def main(cfg) -> None:
-    report(cfg.logs)
+    report(cfg.logs, cfg.weights, OmegaConf.to_container(cfg.published))
 
 
 if __name__ == "__main__":
