@@ -143,12 +143,19 @@ def test_the_pareto_plot_has_one_point_per_recipe_with_mean_std_and_params(tmp_p
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_published_result_without_its_figures_is_one_line(tmp_path):
+    with pytest.raises(MnistlabError, match=r"published entry .*LeNet-5.* give each one label, params, acc"):
+        plot_pareto([], tmp_path / "pareto.png", published=[{"label": "LeNet-5", "acc": 99.05}])
+
+
 def test_released_points_come_from_the_release_records(tmp_path):
     record = {"params": 7316, "all_seeds": {"n": 3, "test/acc mean": 0.99397, "test/acc std": 0.0006}}
     (tmp_path / "tiny_cnn.json").write_text(json.dumps(record))
     (tmp_path / "notes.json").write_text(json.dumps({"what": "not a release"}))
     ((name, params, mean, std, n),) = released_points(tmp_path)
     assert (name, params, round(mean, 3), round(std, 2), n) == ("released tiny_cnn", 7316, 99.397, 0.06, 3)
+    with pytest.raises(MnistlabError, match="nowhere is not a folder; pass the released weights. folder"):
+        released_points(tmp_path / "nowhere")
 
 
 def test_a_plot_names_a_teacher_by_its_run_and_settings_by_their_last_key():

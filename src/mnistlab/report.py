@@ -281,6 +281,8 @@ def plot_curves(runs: list[Run], path: Path) -> None:
 
 def released_points(weights: Path) -> list[tuple[str, int, float, float, int]]:
     """One point per released network (`weights/*.json`): its seeds' test/acc mean ± std."""
+    if not Path(weights).is_dir():
+        raise MnistlabError(f"weights={weights} is not a folder; pass the released weights' folder or null")
     points = []
     for path in sorted(Path(weights).glob("*.json")):
         record = json.loads(path.read_text())
@@ -348,7 +350,13 @@ def plot_pareto(
     points += released
     styles += [("s", "C2")] * len(released)
     for ref in published:
-        points.append((f"{ref['label']}: {ref['how']}", int(ref["params"]), float(ref["acc"]), 0.0, 1))
+        try:
+            points.append((f"{ref['label']}: {ref['how']}", int(ref["params"]), float(ref["acc"]), 0.0, 1))
+        except (KeyError, TypeError, ValueError):
+            raise MnistlabError(
+                f"published entry {ref!r} is not a result; give each one label, params, acc (test %) "
+                "and how, as conf/report.yaml does"
+            ) from None
         styles.append(("x", "k"))
 
     fig, ax = plt.subplots(figsize=(13, 6))
