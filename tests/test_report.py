@@ -13,8 +13,9 @@ from mnistlab.report import (
     build_report,
     find_runs,
     label_column,
-    plot_label,
+    plot_name,
     plot_pareto,
+    published_points,
     released_points,
     report,
 )
@@ -129,9 +130,11 @@ def test_the_pareto_plot_has_one_point_per_recipe_with_mean_std_and_params(tmp_p
     changed = run(1, 0.9900, 0.9880)  # a preset with one setting changed is its own point, named so
     changed.overrides.append("data.augment=none")
     changed.config["data"] = {**changed.config["data"], "augment": "none"}
-    published = [{"label": "LeNet-5", "params": 60000, "acc": 99.05, "how": "one run"}]
-    released = [("released gap_cnn", 19348, 99.53, 0.066, 5)]
-    points = plot_pareto([*small, *big, changed], tmp_path / "pareto.png", released, published)
+    published = published_points([{"label": "LeNet-5", "params": 60000, "acc": 99.05, "how": "one run"}])
+    released = [("released gap_cnn", 19348, 99.53, 0.066, 5), ("released broken", 5000, float("nan"), 0.0, 3)]
+    unplaceable = run(1, 0.97, 0.97, lr=0.3)  # recorded no parameter count: left out, not drawn at 0
+    del unplaceable.metrics["params"]
+    points = plot_pareto([*small, *big, changed, unplaceable], tmp_path / "pareto.png", released, published)
     by_label = {label: (params, round(mean, 3), round(std, 3), n) for label, params, mean, std, n in points}
     assert by_label == {
         "micro": (982, 98.5, 0.2, 3),
@@ -143,25 +146,39 @@ def test_the_pareto_plot_has_one_point_per_recipe_with_mean_std_and_params(tmp_p
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_published_result_without_its_figures_is_one_line(tmp_path):
+def test_bad_published_results_or_weights_are_one_line_before_anything_is_written(tmp_path):
     with pytest.raises(MnistlabError, match=r"published entry .*LeNet-5.* give each one label, params, acc"):
-        plot_pareto([], tmp_path / "pareto.png", published=[{"label": "LeNet-5", "acc": 99.05}])
+        report(tmp_path, published=[{"label": "LeNet-5", "acc": 99.05}])
+    with pytest.raises(MnistlabError, match="nowhere is not a folder; pass the released weights. folder"):
+        report(tmp_path, weights=tmp_path / "nowhere")
+    assert list(tmp_path.iterdir()) == []  # no report.md, report.png or pareto.png half written
 
 
-def test_released_points_come_from_the_release_records(tmp_path):
+def test_released_points_come_from_the_release_records(tmp_path, capsys):
     record = {"params": 7316, "all_seeds": {"n": 3, "test/acc mean": 0.99397, "test/acc std": 0.0006}}
     (tmp_path / "tiny_cnn.json").write_text(json.dumps(record))
     (tmp_path / "notes.json").write_text(json.dumps({"what": "not a release"}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("not json")
     ((name, params, mean, std, n),) = released_points(tmp_path)
     assert (name, params, round(mean, 3), round(std, 2), n) == ("released tiny_cnn", 7316, 99.397, 0.06, 3)
-    with pytest.raises(MnistlabError, match="nowhere is not a folder; pass the released weights. folder"):
-        released_points(tmp_path / "nowhere")
+    skipped = capsys.readouterr().err
+    assert all(
+        f"skipped: {tmp_path / f} is not a release record" in skipped
+        for f in ("notes.json", "list.json", "broken.json")
+    )
 
 
 def test_a_plot_names_a_teacher_by_its_run_and_settings_by_their_last_key():
-    teachers = "distill.teachers=[logs/t1/checkpoints/best.ckpt,weights/gap_cnn.pt]"
-    label = f"tiny data.val_size=10000 distill=gap_cnn {teachers}"
-    assert plot_label(label) == "tiny val_size=10000 distill=gap_cnn teachers=t1,gap_cnn"
+    student = run(1, 0.993, 0.992)
+    teachers = "[logs/t1/checkpoints/best.ckpt, weights/gap_cnn.pt]"
+    student.overrides = [
+        "experiment=tiny",
+        "data.val_size=10000",
+        f"+distill.teachers={teachers}",
+        "model.layers=[conv 3, relu]",
+    ]
+    assert plot_name([student]) == "tiny val_size=10000 teachers=t1,gap_cnn layers=[conv 3, relu]"
 
 
 def test_names_of_points_close_together_do_not_overlap():

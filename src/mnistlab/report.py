@@ -8,6 +8,7 @@ mean +- std over the seeds. Writes `report.md` and `report.png` (validation curv
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -200,15 +201,6 @@ def name_of(group: list[Run]) -> tuple[Run, str | None]:
     return first, experiment
 
 
-def short_name(group: list[Run]) -> str:
-    """A group's name on a plot: its preset and what the runs changed on top of it
-    (`best data.augment=distort`), or all its overrides when it has no preset."""
-    first, experiment = name_of(group)
-    if experiment is None:
-        return first.label
-    return " ".join([experiment, *(o for o in first.recipe_overrides if not o.startswith("experiment="))])
-
-
 def build_report(runs: list[Run]) -> str:
     header = (
         "| configuration | params | batch | optimizer, LR | scheduler | dropout | augment | split | epochs "
@@ -280,17 +272,33 @@ def plot_curves(runs: list[Run], path: Path) -> None:
 
 
 def released_points(weights: Path) -> list[tuple[str, int, float, float, int]]:
-    """One point per released network (`weights/*.json`): its seeds' test/acc mean ± std."""
+    """One point per released network (`weights/*.json`, `make release`): its seeds' test/acc
+    mean ± std; a JSON file that is not such a record is named on stderr and skipped."""
     if not Path(weights).is_dir():
         raise MnistlabError(f"weights={weights} is not a folder; pass the released weights' folder or null")
     points = []
     for path in sorted(Path(weights).glob("*.json")):
-        record = json.loads(path.read_text())
-        seeds = record.get("all_seeds") or {}
-        if "test/acc mean" not in seeds or "params" not in record:
-            continue
-        mean, std = 100 * seeds["test/acc mean"], 100 * (seeds.get("test/acc std") or 0.0)
-        points.append((f"released {path.stem}", record["params"], mean, std, seeds["n"]))
+        try:
+            record = json.loads(path.read_text())
+            seeds = record["all_seeds"]
+            mean, std = 100 * float(seeds["test/acc mean"]), 100 * float(seeds.get("test/acc std") or 0.0)
+            points.append((f"released {path.stem}", int(record["params"]), mean, std, int(seeds["n"])))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            print(f"skipped: {path} is not a release record (make release writes them)", file=sys.stderr)
+    return points
+
+
+def published_points(published: list[dict]) -> list[tuple[str, int, float, float, int]]:
+    """The `published:` results of conf/report.yaml as points (one run each)."""
+    points = []
+    for ref in published or []:
+        try:
+            points.append((f"{ref['label']}: {ref['how']}", int(ref["params"]), float(ref["acc"]), 0.0, 1))
+        except (KeyError, TypeError, ValueError):
+            raise MnistlabError(
+                f"published entry {ref!r} is not a result; give each one label, params, acc (test %) "
+                "and how, as conf/report.yaml does"
+            ) from None
     return points
 
 
@@ -312,83 +320,87 @@ def label_column(ax, labels: list[tuple[str, float, float]], fontsize: float = 7
     ]  # fmt: skip
 
 
-def plot_label(label: str) -> str:
-    """A recipe's name for a plot, short: each setting by its last key (`temperature=2`, not
-    `distill.temperature=2`; report.md has them whole), a teacher checkpoint by its run's folder."""
+def plot_name(group: list[Run]) -> str:
+    """A recipe's name on a plot, short: its preset, then each setting by its last key
+    (`temperature=2`, not `distill.temperature=2`; report.md has them whole), a teacher
+    checkpoint by its run's folder."""
 
     def teacher(path: str) -> str:
         path = Path(path.strip())
         return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
 
-    words = []
-    for word in label.split(" "):
-        key, _, value = word.partition("=")
-        if key == "distill.teachers" and value.startswith("["):
+    first, experiment = name_of(group)
+    words = [experiment] if experiment else []
+    for override in first.recipe_overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "experiment":
+            continue
+        if key.lstrip("+~") == "distill.teachers" and value.startswith("["):
             value = ",".join(teacher(p) for p in value.strip("[]").split(","))
-        words.append(f"{key.rsplit('.', 1)[-1]}={value}" if value else word)
-    return " ".join(words)
+        words.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    return " ".join(words) or "default"
 
 
 def plot_pareto(
-    runs: list[Run], path: Path, released: list[tuple] = (), published: list[dict] = ()
+    runs: list[Run], path: Path, released: list[tuple] = (), published: list[tuple] = ()
 ) -> list[tuple[str, int, float, float, int]]:
     """Test accuracy (mean ± std over seeds) against parameter count: one point per recipe
     (distilled recipes in their own colour, single runs hollow), the released networks, and
-    published results as crosses; returns the points as (label, params, mean %, std %, seeds)."""
+    published results as crosses; returns the points as (label, params, mean %, std %, seeds).
+    A recipe whose runs did not record their parameter count cannot be placed and is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points, styles = [], []
+    kinds = {
+        "recipe": ("o", "C0", "recipe, mean ± std over seeds"),
+        "distilled": ("o", "C1", "distilled recipe, mean ± std over seeds"),
+        "released": ("s", "C2", "released weights, over their seeds"),
+        "published": ("x", "k", "published, one run"),
+    }
+    drawn = []  # (label, params, mean %, std %, n, kind)
     for group in recipes(runs):
         tests = [100 * r.metrics["test/acc"] for r in group]
         std = statistics.stdev(tests) if len(tests) > 1 else 0.0
-        params = group[0].metrics.get("params", 0)
-        points.append((plot_label(short_name(group)), params, statistics.mean(tests), std, len(tests)))
-        styles.append(("o", "C1" if group[0].metrics.get("teacher") else "C0"))
-    points += released
-    styles += [("s", "C2")] * len(released)
-    for ref in published:
-        try:
-            points.append((f"{ref['label']}: {ref['how']}", int(ref["params"]), float(ref["acc"]), 0.0, 1))
-        except (KeyError, TypeError, ValueError):
-            raise MnistlabError(
-                f"published entry {ref!r} is not a result; give each one label, params, acc (test %) "
-                "and how, as conf/report.yaml does"
-            ) from None
-        styles.append(("x", "k"))
+        kind = "distilled" if group[0].metrics.get("teacher") else "recipe"
+        params = group[0].metrics.get("params") or 0
+        drawn.append((plot_name(group), params, statistics.mean(tests), std, len(tests), kind))
+    drawn += [(*point, "released") for point in released] + [(*point, "published") for point in published]
+    drawn = [d for d in drawn if d[1] > 0 and math.isfinite(d[2] + d[3])]  # those that can be placed
 
-    fig, ax = plt.subplots(figsize=(13, 6))
-    fig.subplots_adjust(left=0.06, right=0.42, bottom=0.1, top=0.93)  # the names go on the right
-    for (_, params, mean, std, n), (marker, color) in zip(points, styles, strict=True):
-        face = color if n > 1 or marker == "x" else "none"  # a single run: a hollow marker
-        ax.errorbar(params, mean, yerr=std, fmt=marker, capsize=3, color=color, markerfacecolor=face)
+    # a column of names, one line each, beside an axes as tall as the column needs
+    fig, ax = plt.subplots(figsize=(13, max(6.0, 0.17 * len(drawn) + 1.5)))
+    fig.subplots_adjust(left=0.06, right=0.42, bottom=0.1, top=0.93)
+    same = {}  # points of one parameter count stand side by side (2% apart), not on top of each other
+    for i, d in enumerate(drawn):
+        same.setdefault(d[1], []).append(i)
+    x = [d[1] * 1.02 ** (same[d[1]].index(i) - (len(same[d[1]]) - 1) / 2) for i, d in enumerate(drawn)]
+    for i, (_, _, mean, std, n, kind) in enumerate(drawn):
+        marker, color, _ = kinds[kind]
+        face = color if n > 1 or kind == "published" else "none"  # a single run: a hollow marker
+        ax.errorbar(x[i], mean, yerr=std, fmt=marker, capsize=3, color=color, markerfacecolor=face)
     ax.set_xscale("log")
-    if points:
-        ax.set_xlim(min(p[1] for p in points) / 1.5, max(p[1] for p in points) * 1.5)
+    if drawn:
+        ax.set_xlim(min(d[1] for d in drawn) / 1.5, max(d[1] for d in drawn) * 1.5)
     handles = [
-        plt.Line2D([], [], marker=m, color=c, markerfacecolor=f, linestyle="none", label=name)
-        for m, c, f, name in (
-            ("o", "C0", "C0", "recipe, mean ± std over seeds"), ("o", "C1", "C1", "distilled recipe"),
-            ("o", "C0", "none", "one run"), ("s", "C2", "C2", "released weights, over their seeds"),
-            ("x", "k", "k", "published, one run"),
-        )
-    ]  # fmt: skip
-    ax.legend(handles=handles, fontsize=7, loc="best")
+        plt.Line2D([], [], marker=marker, color=color, linestyle="none", label=name)
+        for kind, (marker, color, name) in kinds.items()
+        if any(d[5] == kind for d in drawn)
+    ]
+    if any(d[4] == 1 and d[5] in ("recipe", "distilled") for d in drawn):
+        handles.append(plt.Line2D([], [], marker="o", color="C0", markerfacecolor="none", linestyle="none",
+                                  label="one run"))  # fmt: skip
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="best")
     ax.set(xlabel="parameters (log scale)", ylabel="test/acc % (mean ± std over seeds)",
            title="Accuracy per parameter")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
-    label_column(
-        ax,
-        [
-            (label if marker == "x" else f"{label} (n={n})", params, mean)
-            for (label, params, mean, _, n), (marker, _) in zip(points, styles, strict=True)
-        ],
-    )
-    fig.savefig(path, dpi=110)
+    label_column(ax, [(label if kind == "published" else f"{label} (n={n})", x[i], mean)
+                      for i, (label, _, mean, _, n, kind) in enumerate(drawn)])  # fmt: skip
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the names may reach past the figure's edge
     plt.close(fig)
-    return points
+    return [d[:5] for d in drawn]
 
 
 def report(logs: str | Path, weights: str | Path | None = None, published: list[dict] = ()) -> list[Run]:
@@ -398,12 +410,13 @@ def report(logs: str | Path, weights: str | Path | None = None, published: list[
     named and skipped. Returns the runs it read."""
     logs = Path(logs)
     found = find_runs(logs)
+    released = released_points(Path(weights)) if weights else []
+    published = published_points(published)  # both checked before anything is written
     for why in found.unreadable:
         print(f"skipped: {why}", file=sys.stderr)
     runs = [r for r in found if r.path.relative_to(logs).parts[0] != "debug"]
     (logs / "report.md").write_text(build_report(runs))
     plot_curves(runs, logs / "report.png")
-    released = released_points(Path(weights)) if weights else []
     plot_pareto(runs, logs / "pareto.png", released, published)
     print(f"{len(runs)} runs -> {logs / 'report.md'}, {logs / 'report.png'}, {logs / 'pareto.png'}")
     return runs
@@ -412,7 +425,7 @@ def report(logs: str | Path, weights: str | Path | None = None, published: list[
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="report")
 @one_line_errors
 def main(cfg) -> None:
-    report(cfg.logs, cfg.weights, OmegaConf.to_container(cfg.published))
+    report(cfg.logs, cfg.weights, OmegaConf.to_container(cfg.published) if cfg.published else [])
 
 
 if __name__ == "__main__":
