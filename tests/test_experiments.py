@@ -60,7 +60,7 @@ def test_multi_gpu_and_slurm_configs_compose():
 
 
 # preset: (params at most, epochs at most, what else it must keep)
-PRESETS = {"best": (19_348, 15), "fast": (19_348, 5), "tiny": (8_000, 15), "robust": (19_348, 15)}
+PRESETS = {"best": (19_348, 15), "fast": (19_348, 5), "tiny": (8_000, 30), "robust": (19_348, 15)}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
