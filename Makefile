@@ -55,7 +55,7 @@ train: install ## Train gap_cnn with the released recipe (experiment=robust), th
 sweep: install ## A grid of dropout x LR: 6 full runs of the default recipe.
 	$(PY) train.py -m model.dropout=0.05,0.1,0.15 optimizer.lr=0.01,0.025 $(ARGS)
 
-report: install ## logs/report.{md,png} from every run under logs/ (or LOGS=DIR), logs/debug/ left out.
+report: install ## logs/report.{md,png}, logs/pareto.png from every run under logs/ (or LOGS=DIR), logs/debug/ left out.
 	$(PY) -m mnistlab.report logs=$(LOGS) $(ARGS)
 
 # make release RUNS=logs/multiruns/<date>_<time>_<pid>  (several folders: RUNS="a b", a sweep run in parts;

@@ -2,7 +2,8 @@
 
 Each run directory holds `.hydra/config.yaml` (what ran), `metrics.json` (how it ended) and
 TensorBoard events (the curves). Runs whose configs differ only in `seed` are one row, with
-mean +- std over the seeds. Writes `report.md` and `report.png` (validation curves) in LOGS.
+mean +- std over the seeds. Writes `report.md`, `report.png` (validation curves) and
+`pareto.png` (accuracy against parameters, beside the released and published networks) in LOGS.
 """
 
 from __future__ import annotations
