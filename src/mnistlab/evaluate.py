@@ -58,7 +58,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.stress:
         metrics |= stress_test(trainer, model, cfg.data)
     if cfg.stress or cfg.get("tta"):
-        run = run_dir.read_metrics()
+        run = run or run_dir.read_metrics()  # read above; a damaged record is an error only here
         if run.get("checkpoint") and run_dir.path / run["checkpoint"] == checkpoint:
             # the checkpoint its run was tested on: the run's record gains the new figures
             added = {

@@ -12,6 +12,7 @@ import json
 import math
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,10 +276,11 @@ def plot_curves(runs: list[Run], path: Path) -> None:
 def released_points(weights: Path) -> list[tuple[str, int, float, float, int]]:
     """One point per released network (`weights/*.json`, `make release`): its seeds' test/acc
     mean ± std; a JSON file that is not such a record is named on stderr and skipped."""
-    if not Path(weights).is_dir():
+    weights = Path(weights)
+    if not weights.is_dir():
         raise MnistlabError(f"weights={weights} is not a folder; pass the released weights' folder or null")
     points = []
-    for path in sorted(Path(weights).glob("*.json")):
+    for path in sorted(weights.glob("*.json")):
         try:
             record = json.loads(path.read_text())
             seeds = record["all_seeds"]
@@ -292,7 +294,7 @@ def released_points(weights: Path) -> list[tuple[str, int, float, float, int]]:
 def published_points(published: list[dict]) -> list[tuple[str, int, float, float, int]]:
     """The `published:` results of conf/report.yaml as points (one run each)."""
     points = []
-    for ref in published or []:
+    for ref in published:
         try:
             points.append((f"{ref['label']}: {ref['how']}", int(ref["params"]), float(ref["acc"]), 0.0, 1))
         except (KeyError, TypeError, ValueError):
@@ -334,9 +336,10 @@ def plot_name(group: list[Run]) -> str:
     words = [experiment] if experiment else []
     for override in first.recipe_overrides:
         key, _, value = override.partition("=")
-        if key.lstrip("+~") == "experiment":
+        key = key.lstrip("+~")
+        if key == "experiment":
             continue
-        if key.lstrip("+~") == "distill.teachers" and value.startswith("["):
+        if key == "distill.teachers" and value.startswith("["):
             value = ",".join(teacher(p) for p in value.strip("[]").split(","))
         words.append(f"{key.rsplit('.', 1)[-1]}={value}")
     return " ".join(words) or "default"
@@ -373,10 +376,11 @@ def plot_pareto(
     # a column of names, one line each, beside an axes as tall as the column needs
     fig, ax = plt.subplots(figsize=(13, max(6.0, 0.17 * len(drawn) + 1.5)))
     fig.subplots_adjust(left=0.06, right=0.42, bottom=0.1, top=0.93)
-    same = {}  # points of one parameter count stand side by side (2% apart), not on top of each other
-    for i, d in enumerate(drawn):
-        same.setdefault(d[1], []).append(i)
-    x = [d[1] * 1.02 ** (same[d[1]].index(i) - (len(same[d[1]]) - 1) / 2) for i, d in enumerate(drawn)]
+    # points of one parameter count stand side by side (2% apart), not on top of each other
+    count, placed, x = Counter(d[1] for d in drawn), Counter(), []
+    for d in drawn:
+        x.append(d[1] * 1.02 ** (placed[d[1]] - (count[d[1]] - 1) / 2))
+        placed[d[1]] += 1
     for i, (_, _, mean, std, n, kind) in enumerate(drawn):
         marker, color, _ = kinds[kind]
         face = color if n > 1 or kind == "published" else "none"  # a single run: a hollow marker
@@ -411,7 +415,7 @@ def report(logs: str | Path, weights: str | Path | None = None, published: list[
     named and skipped. Returns the runs it read."""
     logs = Path(logs)
     found = find_runs(logs)
-    released = released_points(Path(weights)) if weights else []
+    released = released_points(weights) if weights else []
     published = published_points(published)  # both checked before anything is written
     for why in found.unreadable:
         print(f"skipped: {why}", file=sys.stderr)
